@@ -1,0 +1,453 @@
+//! ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT}, all in [ACPI_START, RESET_VECTOR).
+//!
+//! The platform is *hardware-reduced* ACPI: no PM1 blocks, no SCI, no GPEs, no
+//! FACS. Power-off and reset go through one byte-wide I/O register at
+//! ACPI_SLEEP_PORT, named in the FADT as the sleep control, sleep status and reset
+//! register.
+//!
+//! What hardware-reduced mode means for a Linux guest (arch/x86/kernel/acpi/boot.c):
+//! it replaces the 8259 with a null PIC and skips the PIT/HPET timer set-up (the LAPIC
+//! timer is used), and ISA IRQs are no longer identity-mapped to IOAPIC pins up
+//! front: a legacy device only gets its interrupt if it is described in the DSDT.
+//! So the DSDT describes COM1 and the CMOS RTC with their IRQs. Reduced mode also
+//! makes Linux reboot via EFI and, with no EFI, via the BIOS reset vector instead of
+//! the FADT reset register, so `write_acpi_tables` puts a reset stub at the reset
+//! vector (see `reset_vector`).
+
+use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, Scope, IO};
+use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
+use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::rsdp::Rsdp;
+use acpi_tables::sdt::Sdt;
+use acpi_tables::xsdt::XSDT;
+use acpi_tables::{Aml, AmlSink};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
+
+use crate::layout::{
+    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
+    PIT_IOAPIC_PIN, RESET_VECTOR, RTC_IRQ, RTC_PORT,
+};
+use crate::reset_vector::{write_reset_vector, ResetVectorError};
+
+/// Sleep control register: SLP_EN, bit 5.
+pub const SLP_EN: u8 = 1 << 5;
+/// Sleep control register: SLP_TYP, bits 4:2.
+pub const SLP_TYP_SHIFT: u8 = 2;
+pub const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
+/// What Linux writes to the sleep control register to power off (0x34).
+pub const SLEEP_CONTROL_S5: u8 = (ACPI_S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN;
+/// Sleep status register: WAK_STS, bit 7. Linux writes it (to clear it) just before
+/// writing the sleep control register, to the same port here.
+pub const SLEEP_STATUS_WAK_STS: u8 = 1 << 7;
+
+/// What a byte written to ACPI_SLEEP_PORT asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SleepPortWrite {
+    /// ACPI_RESET_VALUE: reset (reboot).
+    Reset,
+    /// SLP_EN with the \_S5_ sleep type: power off.
+    PowerOff,
+    /// SLP_EN with another sleep type (none is advertised, so a guest should not ask).
+    Sleep(u8),
+    /// Anything else, e.g. the WAK_STS clear that precedes a sleep: ignore it.
+    Other,
+}
+
+/// Decodes a guest write to ACPI_SLEEP_PORT, for the device that emulates it.
+pub fn decode_sleep_port_write(value: u8) -> SleepPortWrite {
+    if value == ACPI_RESET_VALUE {
+        return SleepPortWrite::Reset;
+    }
+    if value & SLP_EN == 0 {
+        return SleepPortWrite::Other;
+    }
+    match (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT {
+        ACPI_S5_SLEEP_TYPE => SleepPortWrite::PowerOff,
+        other => SleepPortWrite::Sleep(other),
+    }
+}
+
+const OEM_ID: [u8; 6] = *b"TANDEM";
+const OEM_TABLE_ID: [u8; 8] = *b"TANDEMVM";
+const OEM_REVISION: u32 = 1;
+/// DSDT revision 2 or more means 64-bit AML integers.
+const DSDT_REVISION: u8 = 6;
+/// MADT revision of ACPI 6.3+ (the FADT says 6.5).
+const MADT_REVISION: u8 = 5;
+const TABLE_ALIGN: u64 = 16;
+const SDT_HEADER_LEN: u32 = 36;
+
+/// IA-PC boot architecture flags (FADT offset 109).
+const IAPC_VGA_NOT_PRESENT: u16 = 1 << 2;
+
+/// MADT flags: PCAT_COMPAT, KVM's in-kernel irqchip does have the dual 8259.
+const MADT_PCAT_COMPAT: u32 = 1;
+const MADT_LOCAL_APIC: u8 = 0;
+const MADT_IO_APIC: u8 = 1;
+const MADT_INTERRUPT_OVERRIDE: u8 = 2;
+const MADT_LOCAL_APIC_NMI: u8 = 4;
+const MADT_LAPIC_ENABLED: u32 = 1;
+/// The NMI entry applies to all processors.
+const ALL_PROCESSORS: u8 = 0xff;
+/// Polarity and trigger conforming to the bus (ISA: edge, active high).
+const INTI_CONFORMING: u16 = 0;
+/// APIC ID 0xff means "invalid" to Linux, and the IOAPIC takes ID `num_cpus`.
+pub const MAX_CPUS: u8 = 254;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AcpiError {
+    #[error("ACPI tables need at least one vCPU")]
+    NoCpus,
+    #[error("{0} vCPUs is more than the {MAX_CPUS} the MADT can give xAPIC IDs; use fewer vCPUs")]
+    TooManyCpus(u8),
+    #[error(
+        "the ACPI tables need {needed} bytes, more than the {} between {ACPI_START:#x} and {RESET_VECTOR:#x}",
+        RESET_VECTOR - ACPI_START
+    )]
+    TooBig { needed: u64 },
+    #[error("cannot write the ACPI {table} at {addr:#x}: {source}; guest RAM must cover the first MiB")]
+    Write { table: &'static str, addr: u64, source: GuestMemoryError },
+    #[error(transparent)]
+    ResetVector(#[from] ResetVectorError),
+}
+
+/// Builds and writes all ACPI tables for `num_cpus` vCPUs (APIC IDs 0..num_cpus, the
+/// IOAPIC gets ID `num_cpus` like in the MP table), and the reset-vector stub that a
+/// hardware-reduced platform needs for Linux's reboot to work. Returns the RSDP's
+/// address for `boot_params.acpi_rsdp_addr`; it is also at ACPI_START, where Linux
+/// scans.
+pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
+    let tables = build_tables(num_cpus)?;
+    for (table, addr, bytes) in &tables.placed {
+        mem.write_slice(bytes, GuestAddress(*addr)).map_err(|source| AcpiError::Write {
+            table,
+            addr: *addr,
+            source,
+        })?;
+    }
+    write_reset_vector(mem)?;
+    Ok(GuestAddress(tables.rsdp))
+}
+
+struct Tables {
+    rsdp: u64,
+    /// (name, address, bytes) of each table, RSDP first.
+    placed: Vec<(&'static str, u64, Vec<u8>)>,
+}
+
+/// Hands out 16-byte-aligned addresses from ACPI_START up.
+struct Placer {
+    next: u64,
+}
+
+impl Placer {
+    fn place(&mut self, len: usize) -> u64 {
+        let at = self.next;
+        self.next = (at + len as u64).next_multiple_of(TABLE_ALIGN);
+        at
+    }
+}
+
+fn build_tables(num_cpus: u8) -> Result<Tables, AcpiError> {
+    if num_cpus == 0 {
+        return Err(AcpiError::NoCpus);
+    }
+    if num_cpus > MAX_CPUS {
+        return Err(AcpiError::TooManyCpus(num_cpus));
+    }
+    let dsdt = dsdt();
+    let madt = madt(num_cpus);
+    // The XSDT lists the FADT and the MADT; the DSDT hangs off the FADT.
+    let xsdt_len = (SDT_HEADER_LEN + 2 * 8) as usize;
+
+    let mut placer = Placer { next: ACPI_START };
+    let rsdp_addr = placer.place(Rsdp::len());
+    let xsdt_addr = placer.place(xsdt_len);
+    let fadt_addr = placer.place(FADT::len());
+    let madt_addr = placer.place(madt.len());
+    let dsdt_addr = placer.place(dsdt.len());
+    if placer.next > RESET_VECTOR {
+        return Err(AcpiError::TooBig { needed: placer.next - ACPI_START });
+    }
+
+    let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    xsdt.add_entry(fadt_addr);
+    xsdt.add_entry(madt_addr);
+    let placed = vec![
+        ("RSDP", rsdp_addr, bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
+        ("XSDT", xsdt_addr, bytes(&xsdt)),
+        ("FADT", fadt_addr, bytes(&fadt(dsdt_addr))),
+        ("MADT", madt_addr, madt),
+        ("DSDT", dsdt_addr, dsdt),
+    ];
+    Ok(Tables { rsdp: rsdp_addr, placed })
+}
+
+fn bytes(table: &dyn Aml) -> Vec<u8> {
+    let mut out = Vec::new();
+    table.to_aml_bytes(&mut out);
+    out
+}
+
+/// The sleep/reset register: one byte of system I/O.
+fn sleep_port_gas() -> GAS {
+    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(ACPI_SLEEP_PORT))
+}
+
+/// FADT 6.5, hardware-reduced.
+///
+/// Flags: HW_REDUCED_ACPI; RESET_REG_SUP so Linux's ACPI reboot writes
+/// ACPI_RESET_VALUE to the reset register (its first reboot method on x86);
+/// PWR_BUTTON and SLP_BUTTON, meaning "no fixed-feature buttons", so Linux does not
+/// register button devices for fixed events a reduced platform cannot raise; WBINVD,
+/// which the spec requires of every x86 platform.
+///
+/// IA-PC boot architecture: VGA not present (Linux will not poke the VGA ports), CMOS
+/// RTC *not* flagged absent (Linux registers the RTC, emulated at 0x70/0x71),
+/// LEGACY_DEVICES clear (no PnP BIOS to probe), and 8042 *not* flagged present. The
+/// 8042 flag only decides whether Linux's i8042 driver probes the ports when the DSDT
+/// describes no PS/2 device; the keyboard-controller reboot (`reboot=k`, and the
+/// fallback after the ACPI reset) writes 0xfe to port 0x64 regardless. Set, the probe
+/// cost 2 s of boot against an i8042 that only implements reset ("Can't read CTR"), and
+/// could not have worked anyway: on a reduced platform IRQ 1 is unrouted without a DSDT
+/// entry. Clear, Linux says "PNP: No PS/2 controller found" and moves on.
+fn fadt(dsdt_addr: u64) -> FADT {
+    let mut fadt = FADTBuilder::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION)
+        .dsdt_64(dsdt_addr)
+        .flag(Flags::Wbinvd)
+        .flag(Flags::PwrButton)
+        .flag(Flags::SlpButton)
+        .flag(Flags::ResetRegSup)
+        .flag(Flags::HwReducedAcpi);
+    fadt.iapc_boot_arch = IAPC_VGA_NOT_PRESENT.into();
+    fadt.reset_reg = sleep_port_gas();
+    fadt.reset_value = ACPI_RESET_VALUE;
+    fadt.sleep_control_reg = sleep_port_gas();
+    fadt.sleep_status_reg = sleep_port_gas();
+    fadt.finalize()
+}
+
+/// MADT: the LAPIC address, one enabled Local APIC per vCPU, the IOAPIC with GSI base
+/// 0, the PIT override if its pin is not 0 (see layout::PIT_IOAPIC_PIN: with KVM's
+/// default routing it is 0 and no override is written, ISA IRQ n is GSI n), and NMI
+/// on LINT1 for all processors.
+fn madt(num_cpus: u8) -> Vec<u8> {
+    let mut madt = Sdt::new(*b"APIC", SDT_HEADER_LEN + 8, MADT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    madt.write_u32(36, LAPIC_ADDR as u32);
+    madt.write_u32(40, MADT_PCAT_COMPAT);
+    for cpu in 0..num_cpus {
+        // Processor UID = APIC ID = vCPU index.
+        let [f0, f1, f2, f3] = MADT_LAPIC_ENABLED.to_le_bytes();
+        madt.append_slice(&[MADT_LOCAL_APIC, 8, cpu, cpu, f0, f1, f2, f3]);
+    }
+    let ioapic_id = num_cpus;
+    let mut ioapic = vec![MADT_IO_APIC, 12, ioapic_id, 0];
+    ioapic.extend_from_slice(&(IOAPIC_ADDR as u32).to_le_bytes());
+    ioapic.extend_from_slice(&0u32.to_le_bytes()); // GSI base
+    madt.append_slice(&ioapic);
+    if PIT_IOAPIC_PIN != 0 {
+        let mut iso = vec![MADT_INTERRUPT_OVERRIDE, 10, 0 /* ISA */, 0 /* IRQ 0 */];
+        iso.extend_from_slice(&u32::from(PIT_IOAPIC_PIN).to_le_bytes());
+        iso.extend_from_slice(&INTI_CONFORMING.to_le_bytes());
+        madt.append_slice(&iso);
+    }
+    let [f0, f1] = INTI_CONFORMING.to_le_bytes();
+    madt.append_slice(&[MADT_LOCAL_APIC_NMI, 6, ALL_PROCESSORS, f0, f1, 1 /* LINT1 */]);
+    madt.as_slice().to_vec()
+}
+
+/// DSDT: COM1 and the RTC (so their IRQs are routed on a reduced platform, see the
+/// module comment) and `\_S5_` for power-off. Linux evaluates `\_S5_` to get SLP_TYP
+/// and then writes `SLP_TYP << 2 | SLP_EN` to the sleep control register.
+fn dsdt() -> Vec<u8> {
+    let com1 = RawAml(isa_device("COM1", "PNP0501", Some(1), COM1_PORT, 8, COM1_IRQ));
+    let rtc = RawAml(isa_device("RTC_", "PNP0B00", None, RTC_PORT, 2, RTC_IRQ));
+    let sb = Scope::new(Path::new("\\_SB_"), vec![&com1, &rtc]);
+    // {SLP_TYPa, SLP_TYPb, reserved, reserved}; there is no "b" register.
+    let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8, &0u8, &0u8]));
+
+    let mut aml = bytes(&sb);
+    s5.to_aml_bytes(&mut aml);
+    let mut dsdt = Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    dsdt.append_slice(&aml);
+    dsdt.as_slice().to_vec()
+}
+
+/// AML for an ISA device with a PnP ID, an I/O range and an edge-triggered,
+/// active-high interrupt.
+fn isa_device(name: &str, hid: &str, uid: Option<u8>, port: u16, ports: u8, irq: u32) -> Vec<u8> {
+    let io = IO::new(port, port, 1, ports);
+    let interrupt = Interrupt::new(true, true, false, false, irq);
+    let crs = ResourceTemplate::new(vec![&io, &interrupt]);
+    let hid = EISAName::new(hid);
+    let hid = Name::new(Path::new("_HID"), &hid);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    let uid = uid.map(|u| Name::new(Path::new("_UID"), &u));
+    let mut children: Vec<&dyn Aml> = vec![&hid];
+    if let Some(uid) = &uid {
+        children.push(uid);
+    }
+    children.push(&crs);
+    bytes(&Device::new(Path::new(name), children))
+}
+
+/// Already-serialized AML, to nest it in another object.
+struct RawAml(Vec<u8>);
+
+impl Aml for RawAml {
+    fn to_aml_bytes(&self, sink: &mut dyn AmlSink) {
+        sink.vec(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::GuestMemoryMmap;
+
+    fn sum(bytes: &[u8]) -> u8 {
+        bytes.iter().fold(0u8, |s, b| s.wrapping_add(*b))
+    }
+
+    fn u32_at(b: &[u8], at: usize) -> u32 {
+        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
+    }
+
+    fn u64_at(b: &[u8], at: usize) -> u64 {
+        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
+    }
+
+    /// Reads a table (header length at offset 4) from guest memory.
+    fn read_table(mem: &GuestMemoryMmap, addr: u64) -> Vec<u8> {
+        let mut header = [0u8; 8];
+        mem.read_slice(&mut header, GuestAddress(addr)).unwrap();
+        let mut t = vec![0u8; u32_at(&header, 4) as usize];
+        mem.read_slice(&mut t, GuestAddress(addr)).unwrap();
+        assert_eq!(sum(&t), 0, "{} checksum", String::from_utf8_lossy(&t[..4]));
+        t
+    }
+
+    fn mem() -> GuestMemoryMmap {
+        GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
+    }
+
+    #[test]
+    fn pointer_chain_and_checksums() {
+        let mem = mem();
+        let rsdp_addr = write_acpi_tables(&mem, 4).unwrap();
+        assert_eq!(rsdp_addr, GuestAddress(ACPI_START));
+        let mut rsdp = [0u8; 36];
+        mem.read_slice(&mut rsdp, rsdp_addr).unwrap();
+        assert_eq!(&rsdp[..8], b"RSD PTR ");
+        assert_eq!(sum(&rsdp[..20]), 0, "ACPI 1.0 checksum");
+        assert_eq!(sum(&rsdp), 0, "extended checksum");
+        assert_eq!(rsdp[15], 2, "revision 2: use the XSDT");
+
+        let xsdt = read_table(&mem, u64_at(&rsdp, 24));
+        assert_eq!(&xsdt[..4], b"XSDT");
+        assert_eq!(xsdt.len(), 36 + 16);
+        let fadt = read_table(&mem, u64_at(&xsdt, 36));
+        let madt = read_table(&mem, u64_at(&xsdt, 44));
+        assert_eq!((&fadt[..4], &madt[..4]), (&b"FACP"[..], &b"APIC"[..]));
+        let dsdt = read_table(&mem, u64_at(&fadt, 140)); // X_DSDT
+        assert_eq!(&dsdt[..4], b"DSDT");
+        let end = u64_at(&fadt, 140) + dsdt.len() as u64;
+        assert!(end <= RESET_VECTOR);
+        let mut stub = [0u8; 9];
+        mem.read_slice(&mut stub, GuestAddress(RESET_VECTOR)).unwrap();
+        assert_eq!(stub, crate::reset_vector::reset_stub(), "reset stub written too");
+    }
+
+    #[test]
+    fn fadt_is_hardware_reduced_with_sleep_and_reset_registers() {
+        let fadt = bytes(&fadt(0xe1000));
+        assert_eq!(fadt.len(), 276);
+        assert_eq!((fadt[8], fadt[131]), (6, 5), "FADT 6.5");
+        let flags = u32_at(&fadt, 112);
+        for bit in [20, 10, 4, 5, 0] {
+            assert_ne!(flags & (1 << bit), 0, "flag bit {bit}");
+        }
+        assert_eq!(u16::from_le_bytes([fadt[109], fadt[110]]), 0b100, "no VGA; RTC present; no 8042 probe");
+        // GAS: system I/O, 8 bits, offset 0, byte access, address.
+        let gas = [1, 8, 0, 1, 0x00, 0x06, 0, 0, 0, 0, 0, 0];
+        assert_eq!(fadt[116..128], gas, "RESET_REG");
+        assert_eq!(fadt[128], ACPI_RESET_VALUE);
+        assert_eq!(fadt[244..256], gas, "SLEEP_CONTROL_REG");
+        assert_eq!(fadt[256..268], gas, "SLEEP_STATUS_REG");
+        assert_eq!(u64_at(&fadt, 140), 0xe1000);
+    }
+
+    /// (type, bytes) of each MADT entry.
+    fn madt_entries(madt: &[u8]) -> Vec<(u8, &[u8])> {
+        let mut out = Vec::new();
+        let mut at = 44;
+        while at < madt.len() {
+            let len = madt[at + 1] as usize;
+            out.push((madt[at], &madt[at..at + len]));
+            at += len;
+        }
+        out
+    }
+
+    #[test]
+    fn madt_lists_every_cpu_and_the_ioapic() {
+        for cpus in [1u8, 2, 64, MAX_CPUS] {
+            let madt = madt(cpus);
+            assert_eq!(sum(&madt), 0);
+            assert_eq!(u32_at(&madt, 4) as usize, madt.len());
+            assert_eq!(u32_at(&madt, 36) as u64, LAPIC_ADDR);
+            let entries = madt_entries(&madt);
+            let lapics: Vec<_> = entries.iter().filter(|e| e.0 == MADT_LOCAL_APIC).collect();
+            assert_eq!(lapics.len(), cpus as usize);
+            for (i, (_, e)) in lapics.iter().enumerate() {
+                assert_eq!((e[2], e[3], u32_at(e, 4)), (i as u8, i as u8, 1), "UID, APIC ID, enabled");
+            }
+            let ioapics: Vec<_> = entries.iter().filter(|e| e.0 == MADT_IO_APIC).collect();
+            assert_eq!(ioapics.len(), 1);
+            let io = ioapics[0].1;
+            assert_eq!((io[2], u32_at(io, 4) as u64, u32_at(io, 8)), (cpus, IOAPIC_ADDR, 0));
+            let nmi = entries.iter().find(|e| e.0 == MADT_LOCAL_APIC_NMI).unwrap().1;
+            assert_eq!((nmi[2], nmi[5]), (0xff, 1), "all processors, LINT1");
+            let overrides = entries.iter().filter(|e| e.0 == MADT_INTERRUPT_OVERRIDE).count();
+            assert_eq!(overrides, usize::from(PIT_IOAPIC_PIN != 0));
+        }
+    }
+
+    #[test]
+    fn dsdt_has_s5_com1_and_rtc() {
+        let dsdt = dsdt();
+        assert_eq!(sum(&dsdt), 0);
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
+        // NameOp "_S5_" PackageOp len=6 count=4 BytePrefix 5 Zero Zero Zero
+        assert!(find(&[0x08, b'_', b'S', b'5', b'_', 0x12, 0x07, 0x04, 0x0a, 0x05, 0x00, 0x00, 0x00]));
+        assert!(find(b"COM1") && find(b"RTC_") && find(b"_SB_"));
+        // EISAID("PNP0B00") = 0x000bd041 as a DWordConst.
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x0b, 0x00]));
+        // IO descriptor for 0x70..0x71 and an extended IRQ descriptor for IRQ 8.
+        assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
+        assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x08, 0x00, 0x00, 0x00]));
+    }
+
+    #[test]
+    fn sleep_port_decoding() {
+        assert_eq!(SLEEP_CONTROL_S5, 0x34);
+        assert_eq!(decode_sleep_port_write(SLEEP_CONTROL_S5), SleepPortWrite::PowerOff);
+        assert_eq!(decode_sleep_port_write(ACPI_RESET_VALUE), SleepPortWrite::Reset);
+        assert_eq!(decode_sleep_port_write(SLEEP_STATUS_WAK_STS), SleepPortWrite::Other);
+        assert_eq!(decode_sleep_port_write((3 << 2) | SLP_EN), SleepPortWrite::Sleep(3));
+    }
+
+    #[test]
+    fn cpu_limits_and_size() {
+        assert!(matches!(build_tables(0), Err(AcpiError::NoCpus)));
+        assert!(matches!(build_tables(255), Err(AcpiError::TooManyCpus(255))));
+        let t = build_tables(MAX_CPUS).unwrap();
+        let (_, addr, bytes) = t.placed.last().unwrap();
+        assert!(addr + bytes.len() as u64 <= RESET_VECTOR);
+        let mut last_end = 0;
+        for (name, addr, bytes) in &t.placed {
+            assert!(*addr >= last_end && addr % 16 == 0, "{name} placed after the previous table, aligned");
+            last_end = addr + bytes.len() as u64;
+        }
+    }
+}

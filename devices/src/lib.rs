@@ -1,0 +1,10 @@
+//! Devices a Tandem guest sees, and the bus they plug into.
+//!
+//! Every device is reached through [`bus::BusDevice`]: a read or write at an offset
+//! inside the range it was inserted at. Devices never see KVM; interrupts leave them
+//! through eventfds that the VMM wires to irqfds.
+
+pub mod bus;
+pub mod legacy;
+
+pub use bus::{Bus, BusDevice, BusError};

@@ -1,0 +1,75 @@
+#!/bin/bash
+# bench/boot.sh [--runs N] — boot time and memory of Tandem against QEMU (a benchmark, not
+# a test). Inside ONE L1 of the nested bed, boots the same L2 alternately with the release
+# tandem and with Debian 12's QEMU 7.2 (-M microvm,rtc=on -accel kvm), N times each
+# (default 5), 512 MiB, 1 vCPU, command line "console=ttyS0 panic=-1 quiet".
+#
+# Measured per boot by bootmeter (resources/bed/bootmeter.c), with L1's clock:
+#   boot   VMM start (fork) -> the guest's TANDEM-L2-INIT line
+#   rss    the VMM's peak resident set (VmHWM / ru_maxrss) minus the resident part of the
+#          guest RAM mapping (the largest anonymous mapping, sampled from smaps up to the end).
+#          The guest's own pages count for neither VMM: this is what the VMM costs on top
+#          of the memory its guest touched.
+# Prints medians, then exactly one last line:
+#   boot_ratio=<tandem median / qemu median> tandem_rss_overhead_kib=<median for tandem>
+# TANDEM_BIN=PATH uses that binary instead of building the release one.
+set -euo pipefail
+. "$(dirname "$0")/../lib/common.sh"
+
+RUNS=5
+while [ $# -gt 0 ]; do
+  case $1 in
+    --runs) RUNS=${2:?usage: boot.sh [--runs N]}; shift 2 ;;
+    *) die "usage: boot.sh [--runs N]" ;;
+  esac
+done
+case $RUNS in ''|*[!0-9]*|0) die "--runs takes a number > 0" ;; esac
+
+"$RES/build-images.sh" >&2
+cd "$ROOT"
+if [ -n "${TANDEM_BIN:-}" ]; then
+  TANDEM=$(realpath "$TANDEM_BIN")
+else
+  say "cargo build --release -p tandem-vmm"
+  cargo build --release -p tandem-vmm >&2
+  TANDEM=${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem
+fi
+[ -x "$TANDEM" ] || die "no tandem binary at $TANDEM"
+
+W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+"$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$RES/bench/boot-l1.sh:/scenario.sh"
+LOG=$CACHE/bench-boot-l1.log
+say "$RUNS boots of each VMM inside one L1 (about $((RUNS * 30 + 20)) s); L1 log: $LOG"
+rc=0
+"$RES/bed/run-l1.sh" --timeout $((RUNS * 2 * 200 + 120)) --append "tandem.bench_runs=$RUNS" \
+  "$W/overlay.cpio" "$LOG" || rc=$?
+tr -d '\r' < "$LOG" | grep -E '^BENCH ' > "$W/bench" || true
+tr -d '\r' < "$LOG" | grep -E '^(--- |  \| )' || true
+cat "$W/bench"
+
+# median VMM FIELD : median of FIELD over the runs of VMM (the mean of the two middle ones
+# for an even count). "overhead" is hwm_kib - guest_rss_kib.
+median() {
+  awk -v vmm="$1" -v f="$2" '
+    $2 == "vmm=" vmm {
+      for (i = 3; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      x = (f == "overhead") ? v["hwm_kib"] - v["guest_rss_kib"] : v[f]
+      print x
+    }' "$W/bench" | sort -g | awk '{a[NR] = $1} END {
+      if (NR == 0) { print "nan"; exit }
+      if (NR % 2) print a[(NR + 1) / 2]; else print (a[NR / 2] + a[NR / 2 + 1]) / 2 }'
+}
+ok=1
+for vmm in tandem qemu; do
+  n=$(grep -c "vmm=$vmm .*status=0 killed=0" "$W/bench" || true)
+  bad=$(grep "vmm=$vmm " "$W/bench" | grep -c -v "status=0 killed=0" || true)
+  bad2=$(grep -c "vmm=$vmm .*marker_ms=-1" "$W/bench" || true)
+  [ "$bad" = 0 ] && [ "$bad2" = 0 ] && [ "$n" -gt 0 ] || ok=0
+  printf '%-6s runs_ok=%s boot_median_ms=%s hwm_median_kib=%s guest_rss_median_kib=%s rss_overhead_median_kib=%s\n' \
+    "$vmm" "$n" "$(median $vmm marker_ms)" "$(median $vmm hwm_kib)" "$(median $vmm guest_rss_kib)" \
+    "$(median $vmm overhead)"
+done
+[ $ok = 1 ] && [ $rc = 0 ] || die "not every boot reached TANDEM-L2-INIT with the VMM exiting 0 (L0 QEMU rc=$rc); see above and $LOG"
+awk -v t="$(median tandem marker_ms)" -v q="$(median qemu marker_ms)" -v o="$(median tandem overhead)" \
+  'BEGIN { printf "boot_ratio=%.3f tandem_rss_overhead_kib=%d\n", t / q, o }'

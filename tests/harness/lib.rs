@@ -1,0 +1,163 @@
+//! The integration-test harness: runs a scenario script inside an L1 Linux booted under
+//! QEMU's emulation (the nested bed, see `resources/bed/`), where `tandem` boots L2
+//! guests under KVM, and parses what L1's serial console reported.
+//!
+//! A scenario brackets each `tandem` run with `RUN-BEGIN <name>` and
+//! `RUN-END <name> rc=<status>` lines; the L2 guest's console lands between them.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent").to_path_buf()
+}
+
+/// The `tandem` binary cargo built beside this test executable (same profile). Tests
+/// never build it themselves: `cargo test --workspace` builds it before running them.
+pub fn tandem_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash> -> target/<profile>/tandem
+    let bin = exe.parent().and_then(Path::parent).map(|d| d.join("tandem"));
+    match bin {
+        Some(b) if b.exists() => b,
+        _ => panic!(
+            "the tandem binary is not built next to {}: run `cargo build --workspace --bins` (resources/test.sh does)",
+            exe.display()
+        ),
+    }
+}
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    assert_eq!(euid, 0, "the nested bed needs root (network namespaces, taps); run the tests as root");
+}
+
+#[derive(Debug, Clone)]
+pub struct BedOptions {
+    pub mem_mib: u32,
+    pub smp: u32,
+    pub iommu: bool,
+    pub igb: bool,
+    pub timeout_s: u32,
+}
+
+impl Default for BedOptions {
+    fn default() -> Self {
+        Self { mem_mib: 2048, smp: 2, iommu: false, igb: false, timeout_s: 900 }
+    }
+}
+
+/// Boots L1 with `scenario` as its /scenario.sh and returns its console log.
+pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
+    require_root();
+    let root = repo_root();
+    let work = std::env::temp_dir().join(format!("tandem-bed-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&work).expect("create bed work dir");
+    let overlay = work.join("overlay.cpio");
+    let status = Command::new(root.join("resources/bed/overlay.sh"))
+        .arg(&overlay)
+        .arg(tandem_binary())
+        .arg(format!("{}:/scenario.sh", scenario.display()))
+        .status()
+        .expect("run resources/bed/overlay.sh");
+    assert!(status.success(), "resources/bed/overlay.sh failed ({status}); run resources/build-images.sh first");
+
+    let log = work.join("l1.log");
+    let mut cmd = Command::new(root.join("resources/bed/run-l1.sh"));
+    cmd.args(["--mem", &opts.mem_mib.to_string(), "--smp", &opts.smp.to_string()]);
+    cmd.args(["--timeout", &opts.timeout_s.to_string()]);
+    if opts.iommu {
+        cmd.arg("--iommu");
+    }
+    if opts.igb {
+        cmd.arg("--igb");
+    }
+    let status = cmd.arg(&overlay).arg(&log).status().expect("run resources/bed/run-l1.sh");
+    let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
+    let bed = BedLog { text, path: log };
+    assert!(status.success(), "the L1 bed exited with {status}; log {}:\n{}", bed.path.display(), bed.tail(60));
+    assert!(bed.text.contains("L1-INIT-OK"), "L1 never reached its init; log:\n{}", bed.tail(60));
+    bed
+}
+
+pub struct BedLog {
+    pub text: String,
+    pub path: PathBuf,
+}
+
+pub struct Run<'a> {
+    pub name: String,
+    pub lines: Vec<&'a str>,
+    /// tandem's exit status, None when the run never ended (L1 timed out or crashed).
+    pub rc: Option<i32>,
+}
+
+impl BedLog {
+    pub fn tail(&self, n: usize) -> String {
+        let lines: Vec<&str> = self.text.lines().collect();
+        lines[lines.len().saturating_sub(n)..].join("\n")
+    }
+
+    /// The console lines of the run named `name`.
+    pub fn run(&self, name: &str) -> Run<'_> {
+        let begin = format!("RUN-BEGIN {name}");
+        let end = format!("RUN-END {name} ");
+        let mut lines = Vec::new();
+        let mut inside = false;
+        let mut rc = None;
+        for line in self.text.lines() {
+            if line.trim_end() == begin {
+                inside = true;
+            } else if inside && line.starts_with(&end) {
+                rc = kv(line, "rc").and_then(|v| v.parse().ok());
+                break;
+            } else if inside {
+                lines.push(line);
+            }
+        }
+        assert!(inside, "run {name} never started; log {}:\n{}", self.path.display(), self.tail(40));
+        Run { name: name.to_string(), lines, rc }
+    }
+}
+
+impl Run<'_> {
+    /// The first line containing `marker`, or a failure that shows the run's console.
+    pub fn line(&self, marker: &str) -> &str {
+        match self.lines.iter().find(|l| l.contains(marker)) {
+            Some(l) => l,
+            None => panic!("run {}: no {marker:?} line; its console:\n{}", self.name, self.console()),
+        }
+    }
+
+    pub fn console(&self) -> String {
+        let n = self.lines.len();
+        self.lines[n.saturating_sub(80)..].join("\n")
+    }
+}
+
+/// The value of `key=value` in a whitespace-separated line.
+pub fn kv<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_runs_and_pairs() {
+        let bed = BedLog {
+            text: "L1-INIT-OK\nRUN-BEGIN a\nhello\nTANDEM-L2-INIT cpus=2 mem_kb=100\nRUN-END a rc=0\nRUN-BEGIN b\nx\n"
+                .into(),
+            path: PathBuf::from("/x"),
+        };
+        let a = bed.run("a");
+        assert_eq!(a.rc, Some(0));
+        assert_eq!(kv(a.line("TANDEM-L2-INIT"), "cpus"), Some("2"));
+        assert_eq!(kv(a.line("TANDEM-L2-INIT"), "mem"), None);
+        let b = bed.run("b");
+        assert_eq!(b.rc, None);
+        assert_eq!(b.lines, vec!["x"]);
+    }
+}

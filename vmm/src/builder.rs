@@ -1,0 +1,177 @@
+//! Assembles a VM from a `VmConfig`, one step after the other, and starts it.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use boot::layout::MemoryLayout;
+
+use crate::config::{ConfigError, SerialConfig, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::exit::ExitLatch;
+use crate::runner::{RunError, RunningVm};
+use crate::terminal::StdinPump;
+use crate::vcpu::{Vcpu, VcpuError};
+use crate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{cpus} vCPUs is more than this host's KVM allows ({max}); use --cpus {max} or fewer")]
+    TooManyCpusForKvm { cpus: u32, max: usize },
+    #[error("{asked} MiB of guest memory is more than this host has ({host} MiB); use a smaller --memory")]
+    TooMuchMemory { asked: u64, host: u64 },
+    #[error("{0}")]
+    Layout(#[from] boot::layout::LayoutError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error("cannot open {what} {path}: {source}; check the path")]
+    Open {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("kernel {path}: {source}")]
+    Kernel {
+        path: PathBuf,
+        #[source]
+        source: boot::loader::LoaderError,
+    },
+    #[error("initramfs {path}: {source}")]
+    Initramfs {
+        path: PathBuf,
+        #[source]
+        source: boot::loader::LoaderError,
+    },
+    #[error("kernel command line: {0}")]
+    Cmdline(#[source] boot::loader::LoaderError),
+    #[error("cannot write {what} into guest memory: {reason}")]
+    BootData { what: &'static str, reason: String },
+    #[error("cannot open the serial output file {path}: {source}")]
+    SerialFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot create the VM's exit event: {0}")]
+    ExitEvent(#[source] std::io::Error),
+    #[error("cannot read stdin for the serial console: {0}")]
+    Stdin(#[source] std::io::Error),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    #[error("cannot read the CPUID KVM supports: {0}")]
+    Cpuid(#[source] kvm_ioctls::Error),
+    #[error(transparent)]
+    Run(#[from] RunError),
+}
+
+/// Builds the VM `config` describes and starts its vCPUs.
+pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
+    config.validate()?;
+    // User mistakes first: a wrong path should not be reported as a KVM problem.
+    let mut kernel_file = open("kernel", &config.kernel)?;
+    let mut initrd_file = config.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
+    let kvm = Vm::open_kvm()?;
+    check_host_limits(&kvm, config)?;
+
+    let layout = MemoryLayout::new(config.memory)?;
+    let vm = Vm::new(kvm, &layout.ram_regions())?;
+    let mem = vm.memory();
+
+    let kernel = boot::loader::load_kernel(mem, &mut kernel_file)
+        .map_err(|source| BuildError::Kernel { path: config.kernel.clone(), source })?;
+    let initrd = match (&mut initrd_file, &config.initramfs) {
+        (Some(file), Some(path)) => Some(
+            boot::loader::load_initramfs(mem, &layout, file, &kernel)
+                .map_err(|source| BuildError::Initramfs { path: path.clone(), source })?,
+        ),
+        _ => None,
+    };
+    boot::loader::load_cmdline(mem, &config.cmdline).map_err(BuildError::Cmdline)?;
+
+    let cpus = config.cpus as u8; // validated: at most VmConfig::MAX_CPUS
+    boot_data("page tables and GDT", boot::regs::write_gdt_and_page_tables(mem))?;
+    // Linux reads the MP table only without ACPI (acpi=off); it fits 40 vCPUs in the
+    // EBDA, and larger guests rely on the MADT alone.
+    if cpus <= boot::mptable::MAX_CPUS {
+        boot_data("the MP table", boot::mptable::write_mptable(mem, cpus))?;
+    }
+    let rsdp = boot_data("the ACPI tables", boot::acpi::write_acpi_tables(mem, cpus))?;
+    boot_data(
+        "the boot parameters",
+        boot::params::write_boot_params(mem, &layout, &kernel, config.cmdline.len(), initrd, Some(rsdp)),
+    )?;
+
+    let latch = Arc::new(ExitLatch::new().map_err(BuildError::ExitEvent)?);
+    let mut devices = DeviceManager::new(latch.power_sink());
+    devices.add_legacy_devices(&vm, serial_output(&config.serial)?, boot::layout::ACPI_SLEEP_PORT)?;
+
+    let mut supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
+    // KVM emulates the TSC-deadline timer with its in-kernel LAPIC but leaves the CPUID
+    // bit to the VMM; without it Linux falls back to the slower periodic LAPIC timer.
+    if vm.kvm().check_extension(kvm_ioctls::Cap::TscDeadlineTimer) {
+        boot::cpuid::enable_tsc_deadline(supported.as_mut_slice());
+    }
+    let mut vcpus = Vec::with_capacity(config.cpus as usize);
+    for id in 0..config.cpus {
+        let vcpu = Vcpu::new(&vm, id)?;
+        vcpu.configure_cpu(&supported, config.cpus)?;
+        vcpu.set_long_mode_entry(kernel.entry)?;
+        vcpus.push(vcpu);
+    }
+
+    let stdin = match (&config.serial, devices.serial()) {
+        (SerialConfig::Stdio, Some(serial)) => Some(StdinPump::start(serial.clone()).map_err(BuildError::Stdin)?),
+        _ => None,
+    };
+    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch)?)
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open { what, path: path.to_path_buf(), source })
+}
+
+fn boot_data<T, E: std::fmt::Display>(what: &'static str, r: Result<T, E>) -> Result<T, BuildError> {
+    r.map_err(|e| BuildError::BootData { what, reason: e.to_string() })
+}
+
+fn serial_output(serial: &SerialConfig) -> Result<Box<dyn Write + Send>, BuildError> {
+    Ok(match serial {
+        SerialConfig::Stdio => Box::new(std::io::stdout()),
+        SerialConfig::Off => Box::new(std::io::sink()),
+        SerialConfig::File(path) => Box::new(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|source| BuildError::SerialFile { path: path.clone(), source })?,
+        ),
+    })
+}
+
+fn check_host_limits(kvm: &kvm_ioctls::Kvm, config: &VmConfig) -> Result<(), BuildError> {
+    let max = kvm.get_max_vcpus();
+    if config.cpus as usize > max {
+        return Err(BuildError::TooManyCpusForKvm { cpus: config.cpus, max });
+    }
+    if let Some(host) = host_memory_bytes() {
+        if config.memory > host {
+            return Err(BuildError::TooMuchMemory { asked: config.memory >> 20, host: host >> 20 });
+        }
+    }
+    Ok(())
+}
+
+/// MemTotal from /proc/meminfo. Guest RAM is mapped lazily, so a guest may be given
+/// more than is free, but never more than exists.
+fn host_memory_bytes() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -1,0 +1,23 @@
+//! Tandem's VMM library: build a VM from a [`VmConfig`], run it, learn why it ended.
+//!
+//! ```no_run
+//! let config = vmm::VmConfig::new("/boot/vmlinuz");
+//! let vm = vmm::start(&config)?;
+//! let exit = vm.wait()?;
+//! println!("{exit}");
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+
+pub mod builder;
+pub mod config;
+pub mod device_manager;
+pub mod exit;
+pub mod runner;
+pub mod terminal;
+pub mod vcpu;
+pub mod vm;
+
+pub use builder::{start, BuildError};
+pub use config::{SerialConfig, VmConfig};
+pub use exit::GuestExit;
+pub use runner::{RunError, RunningVm, VmStopper};

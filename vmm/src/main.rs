@@ -1,0 +1,133 @@
+//! `tandem`: the command-line VM launcher. Parsing and exit codes only; the VM itself
+//! is the `vmm` library's business.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use vmm::{GuestExit, SerialConfig, VmConfig};
+
+/// Boot a Linux guest under KVM.
+///
+/// Example: tandem --kernel vmlinuz --initramfs initrd.gz --cpus 2 --memory 1G
+///
+/// Exits 0 when the guest powers off or reboots; non-zero, with the reason on stderr,
+/// when it cannot start or crashes; 128+N when stopped by signal N (SIGTERM, SIGINT).
+#[derive(Parser, Debug)]
+#[command(name = "tandem", version, about, long_about, max_term_width = 100)]
+struct Cli {
+    /// Guest kernel: a bzImage or an ELF vmlinux. Example: --kernel /boot/vmlinuz-6.1.0-amd64
+    #[arg(long, value_name = "PATH")]
+    kernel: PathBuf,
+
+    /// Initial ramdisk (cpio archive, compressed or not). Example: --initramfs initrd.gz
+    #[arg(long, value_name = "PATH")]
+    initramfs: Option<PathBuf>,
+
+    /// Kernel command line. Example: --cmdline "console=ttyS0 quiet"
+    #[arg(long, value_name = "STR", default_value = VmConfig::DEFAULT_CMDLINE)]
+    cmdline: String,
+
+    /// Number of vCPUs (1 to 254, and at most what KVM allows). Example: --cpus 2
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    cpus: u32,
+
+    /// Guest RAM, with a K, M, G or T suffix. Example: --memory 5G
+    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
+    memory: u64,
+
+    /// Where COM1 goes: stdio (the terminal, in raw mode), file=PATH (appended), or off.
+    /// Example: --serial file=/tmp/guest.log
+    #[arg(long, value_name = "WHERE", default_value = "stdio")]
+    serial: SerialConfig,
+}
+
+fn parse_memory(s: &str) -> Result<u64, String> {
+    vmm::config::parse_size(s).map_err(|e| e.to_string())
+}
+
+impl Cli {
+    fn into_config(self) -> VmConfig {
+        VmConfig {
+            kernel: self.kernel,
+            initramfs: self.initramfs,
+            cmdline: self.cmdline,
+            cpus: self.cpus,
+            memory: self.memory,
+            serial: self.serial,
+        }
+    }
+}
+
+/// Blocks the termination signals in this thread and every thread started after it,
+/// so that one thread can take them with `sigwait` and stop the VM in order.
+fn block_stop_signals() -> libc::sigset_t {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid sigset_t; pthread_sigmask only reads it.
+    unsafe {
+        libc::sigemptyset(&mut set);
+        for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, sig);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+    set
+}
+
+fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmStopper) {
+    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` and `sig` are valid for the call.
+        if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
+            stopper.stop(GuestExit::Stopped { signal: sig });
+        }
+    });
+    if let Err(e) = spawned {
+        eprintln!("tandem: warning: cannot watch for SIGTERM/SIGINT ({e}); they will be ignored");
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<GuestExit> {
+    let signals = block_stop_signals();
+    let config = cli.into_config();
+    let vm = vmm::start(&config).context("cannot start the VM")?;
+    forward_stop_signals(signals, vm.stopper());
+    Ok(vm.wait()?)
+}
+
+/// The error chain in one line. The library's messages already carry their cause's
+/// text where it helps, so a cause whose text is already there is not repeated.
+fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = cause.to_string();
+        if !text.contains(&part) {
+            if !text.is_empty() {
+                text.push_str(": ");
+            }
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
+        Ok(GuestExit::Stopped { signal }) => {
+            eprintln!("tandem: stopped by signal {signal}");
+            ExitCode::from(128u8.saturating_add(signal as u8))
+        }
+        Ok(exit) => {
+            eprintln!("tandem: {exit}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("tandem: error: {}", describe(&e));
+            ExitCode::from(1)
+        }
+    }
+}

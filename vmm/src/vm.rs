@@ -1,0 +1,163 @@
+//! The KVM VM: its fd, guest RAM and memory slots, the in-kernel irqchip and PIT,
+//! and the irqfd/ioeventfd registrations devices use to skip the VMM on hot paths.
+
+use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("cannot open /dev/kvm: {0}. Tandem needs KVM: check that the kvm module is loaded and that you may open /dev/kvm (root or the kvm group)")]
+    OpenKvm(#[source] kvm_ioctls::Error),
+    #[error("KVM API version {0} is not the stable version 12 this VMM speaks")]
+    KvmApiVersion(i32),
+    #[error("KVM lacks {0}, which Tandem needs; the host kernel is too old or KVM is restricted")]
+    MissingCap(&'static str),
+    #[error("KVM_CREATE_VM failed: {0}")]
+    CreateVm(#[source] kvm_ioctls::Error),
+    #[error("cannot allocate {size} MiB of guest memory: {source}")]
+    AllocMemory {
+        size: u64,
+        #[source]
+        source: vm_memory::mmap::FromRangesError,
+    },
+    #[error("KVM refused memory slot {slot} at {gpa:#x} (+{size:#x}): {source}")]
+    MemorySlot {
+        slot: u32,
+        gpa: u64,
+        size: u64,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot set up the in-kernel {what}: {source}")]
+    Irqchip {
+        what: &'static str,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+    #[error("cannot register {what} on {at}: {source}")]
+    Register {
+        what: &'static str,
+        at: String,
+        #[source]
+        source: kvm_ioctls::Error,
+    },
+}
+
+/// The guest RAM of a VM with KVM's view of it.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    memory: GuestMemory,
+}
+
+impl Vm {
+    /// Addresses KVM needs for its real-mode TSS and identity map on Intel hosts; they
+    /// sit just below the BIOS ROM area, inside the 32-bit MMIO hole, away from RAM.
+    const TSS_ADDR: usize = 0xfffb_d000;
+    const IDENTITY_MAP_ADDR: u64 = 0xfffb_c000;
+
+    pub fn open_kvm() -> Result<Kvm, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        let v = kvm.get_api_version();
+        if v != 12 {
+            return Err(VmError::KvmApiVersion(v));
+        }
+        for (cap, name) in [
+            (kvm_ioctls::Cap::Irqchip, "KVM_CAP_IRQCHIP"),
+            (kvm_ioctls::Cap::Irqfd, "KVM_CAP_IRQFD"),
+            (kvm_ioctls::Cap::Ioeventfd, "KVM_CAP_IOEVENTFD"),
+            (kvm_ioctls::Cap::UserMemory, "KVM_CAP_USER_MEMORY"),
+        ] {
+            if !kvm.check_extension(cap) {
+                return Err(VmError::MissingCap(name));
+            }
+        }
+        Ok(kvm)
+    }
+
+    /// Creates the VM with guest RAM over `ram`, an in-kernel PIC/IOAPIC/LAPIC and PIT.
+    pub fn new(kvm: Kvm, ram: &[(GuestAddress, usize)]) -> Result<Self, VmError> {
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        let total: u64 = ram.iter().map(|r| r.1 as u64).sum();
+        let memory =
+            GuestMemory::from_ranges(ram).map_err(|source| VmError::AllocMemory { size: total >> 20, source })?;
+        let vm = Self { kvm, fd, memory };
+        vm.register_memory()?;
+        vm.create_irqchip()?;
+        Ok(vm)
+    }
+
+    fn register_memory(&self) -> Result<(), VmError> {
+        for (slot, region) in self.memory.iter().enumerate() {
+            let slot = slot as u32;
+            let gpa = region.start_addr().raw_value();
+            let size = region.len();
+            let desc = kvm_userspace_memory_region {
+                slot,
+                flags: 0,
+                guest_phys_addr: gpa,
+                memory_size: size,
+                userspace_addr: region.as_ptr() as u64,
+            };
+            // SAFETY: the region is a live mapping owned by `self.memory`, which outlives
+            // the VM fd (both are dropped together, the fd first: field order).
+            unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
+                slot,
+                gpa,
+                size,
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn create_irqchip(&self) -> Result<(), VmError> {
+        let err = |what| move |source| VmError::Irqchip { what, source };
+        self.fd.set_tss_address(Self::TSS_ADDR).map_err(err("TSS"))?;
+        self.fd.set_identity_map_address(Self::IDENTITY_MAP_ADDR).map_err(err("identity map"))?;
+        self.fd.create_irq_chip().map_err(err("PIC/IOAPIC"))?;
+        // A dummy speaker port keeps guests that beep from exiting to us for port 0x61.
+        let pit = kvm_pit_config { flags: KVM_PIT_SPEAKER_DUMMY, ..Default::default() };
+        self.fd.create_pit2(pit).map_err(err("PIT"))?;
+        Ok(())
+    }
+
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Routes `evt` to guest interrupt line `gsi` without a VMM round trip.
+    pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
+        self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Register {
+            what: "irqfd",
+            at: format!("GSI {gsi}"),
+            source,
+        })
+    }
+
+    /// Makes guest writes to port `port` signal `evt` inside KVM, with no vCPU exit.
+    pub fn register_pio_ioeventfd(&self, evt: &EventFd, port: u16) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Pio(u64::from(port)), kvm_ioctls::NoDatamatch)
+            .map_err(|source| VmError::Register { what: "ioeventfd", at: format!("port {port:#x}"), source })
+    }
+
+    /// Makes guest writes to MMIO address `addr` signal `evt` inside KVM.
+    pub fn register_mmio_ioeventfd(&self, evt: &EventFd, addr: u64) -> Result<(), VmError> {
+        self.fd
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
+            .map_err(|source| VmError::Register { what: "ioeventfd", at: format!("MMIO {addr:#x}"), source })
+    }
+}

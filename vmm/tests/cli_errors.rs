@@ -1,0 +1,125 @@
+//! Bad input to the `tandem` binary: each case must end with a non-zero status and a
+//! message that names the problem, never a panic. Runs on the host (needs /dev/kvm
+//! for the cases that get as far as creating the VM).
+
+use std::process::{Command, Output};
+
+fn tandem(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_tandem")).args(args).output().expect("run tandem")
+}
+
+fn assert_refused(args: &[&str], expect: &[&str]) {
+    let out = tandem(args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{args:?} should fail; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    for e in expect {
+        assert!(stderr.contains(e), "{args:?}: expected {e:?} in stderr: {stderr}");
+    }
+}
+
+fn scratch(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tandem-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn need_kvm() {
+    if let Err(e) = std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        panic!("this test needs /dev/kvm (run as root on a KVM host): {e}");
+    }
+}
+
+#[test]
+fn missing_kernel() {
+    assert_refused(&["--kernel", "/nonexistent/vmlinuz"], &["cannot open kernel", "/nonexistent/vmlinuz"]);
+}
+
+#[test]
+fn missing_initramfs() {
+    let k = scratch("k-for-initrd", b"x");
+    assert_refused(
+        &["--kernel", k.to_str().unwrap(), "--initramfs", "/nonexistent/initrd"],
+        &["cannot open initramfs", "/nonexistent/initrd"],
+    );
+}
+
+#[test]
+fn file_that_is_not_a_kernel() {
+    need_kvm();
+    let k = scratch("not-a-kernel", &[0x55u8; 8192]);
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--serial", "off"], &["not-a-kernel", "not a Linux kernel"]);
+}
+
+#[test]
+fn zero_memory() {
+    let k = scratch("k-mem0", b"x");
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--memory", "0"], &["memory size 0"]);
+}
+
+#[test]
+fn memory_that_is_not_a_size() {
+    let k = scratch("k-memq", b"x");
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--memory", "lots"], &["not a size", "512M"]);
+}
+
+#[test]
+fn more_memory_than_the_host_has() {
+    need_kvm();
+    let k = scratch("k-memhuge", b"x");
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--memory", "64T"], &["more than this host has"]);
+}
+
+#[test]
+fn zero_cpus() {
+    let k = scratch("k-cpu0", b"x");
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--cpus", "0"], &["0 vCPUs"]);
+}
+
+#[test]
+fn more_cpus_than_allowed() {
+    let k = scratch("k-cpuhuge", b"x");
+    assert_refused(&["--kernel", k.to_str().unwrap(), "--cpus", "5000"], &["5000 vCPUs is more than"]);
+}
+
+#[test]
+fn initramfs_that_does_not_fit() {
+    need_kvm();
+    // The real Debian kernel needs ~80 MiB once decompressed; 96 MiB of initramfs
+    // (sparse, so cheap) cannot fit beside it in 128 MiB.
+    let kernel = kernel_image();
+    let big = scratch("big-initrd", b"");
+    std::fs::File::options().write(true).open(&big).unwrap().set_len(96 << 20).unwrap();
+    assert_refused(
+        &[
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initramfs",
+            big.to_str().unwrap(),
+            "--memory",
+            "128M",
+            "--serial",
+            "off",
+        ],
+        &["does not fit", "--memory"],
+    );
+}
+
+#[test]
+fn unknown_flag() {
+    assert_refused(&["--kernel", "/x", "--frobnicate"], &["--frobnicate"]);
+}
+
+#[test]
+fn bad_serial() {
+    assert_refused(&["--kernel", "/x", "--serial", "tty"], &["stdio, off or file=PATH"]);
+}
+
+/// The Debian kernel fetched by `resources/fetch-guest.sh`.
+fn kernel_image() -> std::path::PathBuf {
+    let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/cache/vmlinuz");
+    assert!(p.exists(), "{} is missing: run resources/build-images.sh first", p.display());
+    p
+}
