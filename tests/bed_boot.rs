@@ -4,13 +4,18 @@
 
 use std::sync::OnceLock;
 
-use tandem_tests::{kv, repo_root, run_bed, BedLog, BedOptions};
+use tandem_tests::{cached, kv, repo_root, run_bed, BedLog, BedOptions};
 
 fn bed() -> &'static BedLog {
     static BED: OnceLock<BedLog> = OnceLock::new();
     BED.get_or_init(|| {
         // L1 needs room for a 5 GiB L2 plus itself.
-        let opts = BedOptions { mem_mib: 7168, smp: 2, ..Default::default() };
+        let opts = BedOptions {
+            mem_mib: 7168,
+            smp: 2,
+            files: vec![(cached("vmlinux-l1"), "/l2/vmlinux".into())],
+            ..Default::default()
+        };
         run_bed("boot", &repo_root().join("tests/scenarios/boot.sh"), &opts)
     })
 }
@@ -52,4 +57,32 @@ fn guest_reboot_ends_tandem_with_status_0() {
         run.line("TANDEM-L2-INIT");
         assert_eq!(run.rc, Some(0), "{name} must end tandem cleanly; console:\n{}", run.console());
     }
+}
+
+#[test]
+fn boots_an_elf_vmlinux() {
+    assert_booted("elf", 1, 256);
+}
+
+#[test]
+fn host_input_reaches_the_guest_shell() {
+    let run = bed().run("serial-input");
+    // The shell echoes the typed line; only the guest's arithmetic makes the 42.
+    run.line("SERIAL-IN-42");
+    assert_eq!(run.rc, Some(0), "the shell's exit powers the guest off; console:\n{}", run.console());
+}
+
+#[test]
+fn serial_file_gets_the_console() {
+    let run = bed().run("serial-file");
+    assert_eq!(run.line("SERIAL-FILE-MARKERS"), "SERIAL-FILE-MARKERS 1");
+    assert!(!run.lines.iter().any(|l| l.contains("TANDEM-L2-INIT")), "console leaked to stdout");
+    assert_eq!(run.rc, Some(0));
+}
+
+#[test]
+fn sigterm_stops_tandem_with_128_plus_15() {
+    let run = bed().run("sigterm");
+    assert_eq!(run.rc, Some(143), "console:\n{}", run.console());
+    assert!(!run.lines.iter().any(|l| l.contains("TANDEM-L2-INIT")), "the guest was stopped mid-boot");
 }

@@ -40,12 +40,21 @@ pub struct BedOptions {
     pub iommu: bool,
     pub igb: bool,
     pub timeout_s: u32,
+    /// More files for L1, as (host path, path inside L1).
+    pub files: Vec<(PathBuf, String)>,
 }
 
 impl Default for BedOptions {
     fn default() -> Self {
-        Self { mem_mib: 2048, smp: 2, iommu: false, igb: false, timeout_s: 900 }
+        Self { mem_mib: 2048, smp: 2, iommu: false, igb: false, timeout_s: 900, files: Vec::new() }
     }
+}
+
+/// A file of the image cache that `resources/build-images.sh` fills.
+pub fn cached(name: &str) -> PathBuf {
+    let p = repo_root().join("resources/cache").join(name);
+    assert!(p.exists(), "{} is missing: run resources/build-images.sh first", p.display());
+    p
 }
 
 /// Boots L1 with `scenario` as its /scenario.sh and returns its console log.
@@ -59,6 +68,7 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
         .arg(&overlay)
         .arg(tandem_binary())
         .arg(format!("{}:/scenario.sh", scenario.display()))
+        .args(opts.files.iter().map(|(host, guest)| format!("{}:{guest}", host.display())))
         .status()
         .expect("run resources/bed/overlay.sh");
     assert!(status.success(), "resources/bed/overlay.sh failed ({status}); run resources/build-images.sh first");

@@ -21,7 +21,15 @@ impl SerialDevice {
     }
 
     /// Queues host input for the guest; returns how many bytes fitted in the receive FIFO.
+    ///
+    /// Nothing is taken until the guest has enabled the received-data interrupt: before
+    /// its driver opens the port, bytes would land in a FIFO the driver clears on start-up,
+    /// so input typed (or piped) during boot would be lost instead of delayed.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
+        const IER_RX_DATA: u8 = 0x01;
+        if self.uart.state().interrupt_enable & IER_RX_DATA == 0 {
+            return 0;
+        }
         let room = self.uart.fifo_capacity().min(bytes.len());
         if room == 0 {
             return 0;
@@ -113,8 +121,17 @@ mod tests {
     }
 
     #[test]
+    fn input_waits_until_the_guest_driver_listens() {
+        let (mut dev, _sink, _irq) = serial();
+        assert_eq!(dev.enqueue_input(b"early"), 0);
+        dev.write(IER, &[0x01]);
+        assert_eq!(dev.enqueue_input(b"early"), 5);
+    }
+
+    #[test]
     fn fifo_overflow_is_refused_not_panicking() {
         let (mut dev, _sink, _irq) = serial();
+        dev.write(IER, &[0x01]);
         let big = vec![b'a'; 4096];
         let n = dev.enqueue_input(&big);
         assert!(n > 0 && n < big.len());
