@@ -12,6 +12,7 @@ pub mod builder;
 pub mod config;
 pub mod device_manager;
 pub mod exit;
+pub mod memory;
 pub mod runner;
 pub mod terminal;
 pub mod vcpu;

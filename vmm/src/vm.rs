@@ -6,6 +6,8 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
+use crate::memory::GuestRam;
+
 pub type GuestMemory = GuestMemoryMmap<()>;
 
 #[derive(Debug, thiserror::Error)]
@@ -18,12 +20,8 @@ pub enum VmError {
     MissingCap(&'static str),
     #[error("KVM_CREATE_VM failed: {0}")]
     CreateVm(#[source] kvm_ioctls::Error),
-    #[error("cannot allocate {size} MiB of guest memory: {source}")]
-    AllocMemory {
-        size: u64,
-        #[source]
-        source: vm_memory::mmap::FromRangesError,
-    },
+    #[error(transparent)]
+    Memory(#[from] crate::memory::MemoryError),
     #[error("KVM refused memory slot {slot} at {gpa:#x} (+{size:#x}): {source}")]
     MemorySlot {
         slot: u32,
@@ -49,9 +47,10 @@ pub enum VmError {
 
 /// The guest RAM of a VM with KVM's view of it.
 pub struct Vm {
+    // Drop order: the VM fd (and with it KVM's memory slots) before the RAM it maps.
     kvm: Kvm,
     fd: VmFd,
-    memory: GuestMemory,
+    ram: GuestRam,
 }
 
 impl Vm {
@@ -82,30 +81,14 @@ impl Vm {
     /// Creates the VM with guest RAM over `ram`, an in-kernel PIC/IOAPIC/LAPIC and PIT.
     pub fn new(kvm: Kvm, ram: &[(GuestAddress, usize)]) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let total: u64 = ram.iter().map(|r| r.1 as u64).sum();
-        let memory =
-            GuestMemory::from_ranges(ram).map_err(|source| VmError::AllocMemory { size: total >> 20, source })?;
-        let vm = Self { kvm, fd, memory };
-        vm.advise_huge_pages();
+        let vm = Self { kvm, fd, ram: GuestRam::new(ram)? };
         vm.register_memory()?;
         vm.create_irqchip()?;
         Ok(vm)
     }
 
-    /// Asks for transparent huge pages on guest RAM (hosts whose THP mode is
-    /// "madvise" give them only on request). Each 2 MiB page is one host fault and one
-    /// nested-page-table entry instead of 512, which under nested virtualisation is most
-    /// of what a guest's first touch of its memory costs. Advice only: failure is harmless.
-    fn advise_huge_pages(&self) {
-        for region in self.memory.iter() {
-            // SAFETY: the range is exactly one live mapping owned by `self.memory`;
-            // MADV_HUGEPAGE changes no contents, only how future faults are served.
-            unsafe { libc::madvise(region.as_ptr().cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-        }
-    }
-
     fn register_memory(&self) -> Result<(), VmError> {
-        for (slot, region) in self.memory.iter().enumerate() {
+        for (slot, region) in self.memory().iter().enumerate() {
             let slot = slot as u32;
             let gpa = region.start_addr().raw_value();
             let size = region.len();
@@ -116,8 +99,8 @@ impl Vm {
                 memory_size: size,
                 userspace_addr: region.as_ptr() as u64,
             };
-            // SAFETY: the region is a live mapping owned by `self.memory`, which outlives
-            // the VM fd (both are dropped together, the fd first: field order).
+            // SAFETY: the region is a live mapping owned by `self.ram`, which outlives the
+            // VM fd (both are dropped together, the fd first: field order).
             unsafe { self.fd.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
                 slot,
                 gpa,
@@ -148,7 +131,7 @@ impl Vm {
     }
 
     pub fn memory(&self) -> &GuestMemory {
-        &self.memory
+        self.ram.memory()
     }
 
     /// Routes `evt` to guest interrupt line `gsi` without a VMM round trip.
