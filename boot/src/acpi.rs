@@ -1,4 +1,9 @@
-//! ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT}, all in [ACPI_START, RESET_VECTOR).
+//! ACPI tables: RSDP → XSDT → {FADT → DSDT, MADT, MCFG}, all in [ACPI_START, RESET_VECTOR).
+//!
+//! The DSDT describes PCI segment 0 as a PCI Express root (PNP0A08) whose config space
+//! is the ECAM window in the MCFG, with its bus, I/O and memory windows in `_CRS`; the
+//! ECAM window is also claimed as a motherboard resource (PNP0C02), which is what Linux
+//! checks before it trusts MCFG.
 //!
 //! The platform is *hardware-reduced* ACPI: no PM1 blocks, no SCI, no GPEs, no
 //! FACS. Power-off and reset go through one byte-wide I/O register at
@@ -14,9 +19,13 @@
 //! the FADT reset register, so `write_acpi_tables` puts a reset stub at the reset
 //! vector (see `reset_vector`).
 
-use acpi_tables::aml::{Device, EISAName, Interrupt, Name, Package, Path, ResourceTemplate, Scope, IO};
+use acpi_tables::aml::{
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path,
+    ResourceTemplate, Scope, IO,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
-use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
+use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
+use acpi_tables::mcfg::MCFG;
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
@@ -24,7 +33,8 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use crate::layout::{
-    ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR, LAPIC_ADDR,
+    MemoryLayout, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR,
+    LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
     PIT_IOAPIC_PIN, RESET_VECTOR, RTC_IRQ, RTC_PORT,
 };
 use crate::reset_vector::{write_reset_vector, ResetVectorError};
@@ -116,8 +126,12 @@ pub enum AcpiError {
 /// hardware-reduced platform needs for Linux's reboot to work. Returns the RSDP's
 /// address for `boot_params.acpi_rsdp_addr`; it is also at ACPI_START, where Linux
 /// scans.
-pub fn write_acpi_tables<M: GuestMemoryBackend>(mem: &M, num_cpus: u8) -> Result<GuestAddress, AcpiError> {
-    let tables = build_tables(num_cpus)?;
+pub fn write_acpi_tables<M: GuestMemoryBackend>(
+    mem: &M,
+    layout: &MemoryLayout,
+    num_cpus: u8,
+) -> Result<GuestAddress, AcpiError> {
+    let tables = build_tables(layout, num_cpus)?;
     for (table, addr, bytes) in &tables.placed {
         mem.write_slice(bytes, GuestAddress(*addr)).map_err(|source| AcpiError::Write {
             table,
@@ -148,23 +162,25 @@ impl Placer {
     }
 }
 
-fn build_tables(num_cpus: u8) -> Result<Tables, AcpiError> {
+fn build_tables(layout: &MemoryLayout, num_cpus: u8) -> Result<Tables, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
     if num_cpus > MAX_CPUS {
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
-    let dsdt = dsdt();
+    let dsdt = dsdt(layout);
     let madt = madt(num_cpus);
-    // The XSDT lists the FADT and the MADT; the DSDT hangs off the FADT.
-    let xsdt_len = (SDT_HEADER_LEN + 2 * 8) as usize;
+    let mcfg = mcfg();
+    // The XSDT lists the FADT, the MADT and the MCFG; the DSDT hangs off the FADT.
+    let xsdt_len = (SDT_HEADER_LEN + 3 * 8) as usize;
 
     let mut placer = Placer { next: ACPI_START };
     let rsdp_addr = placer.place(Rsdp::len());
     let xsdt_addr = placer.place(xsdt_len);
     let fadt_addr = placer.place(FADT::len());
     let madt_addr = placer.place(madt.len());
+    let mcfg_addr = placer.place(mcfg.len());
     let dsdt_addr = placer.place(dsdt.len());
     if placer.next > RESET_VECTOR {
         return Err(AcpiError::TooBig { needed: placer.next - ACPI_START });
@@ -173,11 +189,13 @@ fn build_tables(num_cpus: u8) -> Result<Tables, AcpiError> {
     let mut xsdt = XSDT::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     xsdt.add_entry(fadt_addr);
     xsdt.add_entry(madt_addr);
+    xsdt.add_entry(mcfg_addr);
     let placed = vec![
         ("RSDP", rsdp_addr, bytes(&Rsdp::new(OEM_ID, xsdt_addr))),
         ("XSDT", xsdt_addr, bytes(&xsdt)),
         ("FADT", fadt_addr, bytes(&fadt(dsdt_addr))),
         ("MADT", madt_addr, madt),
+        ("MCFG", mcfg_addr, mcfg),
         ("DSDT", dsdt_addr, dsdt),
     ];
     Ok(Tables { rsdp: rsdp_addr, placed })
@@ -191,7 +209,7 @@ fn bytes(table: &dyn Aml) -> Vec<u8> {
 
 /// The sleep/reset register: one byte of system I/O.
 fn sleep_port_gas() -> GAS {
-    GAS::new(AddressSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(ACPI_SLEEP_PORT))
+    GAS::new(GasSpace::SystemIo, 8, 0, AccessSize::ByteAccess, u64::from(ACPI_SLEEP_PORT))
 }
 
 /// FADT 6.5, hardware-reduced.
@@ -256,13 +274,23 @@ fn madt(num_cpus: u8) -> Vec<u8> {
     madt.as_slice().to_vec()
 }
 
+/// MCFG: the ECAM window of segment 0, bus 0.
+fn mcfg() -> Vec<u8> {
+    let mut mcfg = MCFG::new(OEM_ID, OEM_TABLE_ID, OEM_REVISION);
+    mcfg.add_ecam(PCI_ECAM_START, 0, 0, 0);
+    bytes(&mcfg)
+}
+
 /// DSDT: COM1 and the RTC (so their IRQs are routed on a reduced platform, see the
-/// module comment) and `\_S5_` for power-off. Linux evaluates `\_S5_` to get SLP_TYP
-/// and then writes `SLP_TYP << 2 | SLP_EN` to the sleep control register.
-fn dsdt() -> Vec<u8> {
+/// module comment), the PCI root bridge and the motherboard resources, and `\_S5_` for
+/// power-off. Linux evaluates `\_S5_` to get SLP_TYP and then writes
+/// `SLP_TYP << 2 | SLP_EN` to the sleep control register.
+fn dsdt(layout: &MemoryLayout) -> Vec<u8> {
     let com1 = RawAml(isa_device("COM1", "PNP0501", Some(1), COM1_PORT, 8, COM1_IRQ));
     let rtc = RawAml(isa_device("RTC_", "PNP0B00", None, RTC_PORT, 2, RTC_IRQ));
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&com1, &rtc]);
+    let pci = RawAml(pci_root(layout));
+    let motherboard = RawAml(motherboard_resources());
+    let sb = Scope::new(Path::new("\\_SB_"), vec![&com1, &rtc, &pci, &motherboard]);
     // {SLP_TYPa, SLP_TYPb, reserved, reserved}; there is no "b" register.
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8, &0u8, &0u8]));
 
@@ -271,6 +299,52 @@ fn dsdt() -> Vec<u8> {
     let mut dsdt = Sdt::new(*b"DSDT", SDT_HEADER_LEN, DSDT_REVISION, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     dsdt.append_slice(&aml);
     dsdt.as_slice().to_vec()
+}
+
+/// The PCI Express root bridge of segment 0: bus 0 only, config through ECAM (MCFG)
+/// and the legacy 0xcf8 ports, and the three windows BARs are allocated from.
+fn pci_root(layout: &MemoryLayout) -> Vec<u8> {
+    let hid = EISAName::new("PNP0A08");
+    let cid = EISAName::new("PNP0A03");
+    let hid = Name::new(Path::new("_HID"), &hid);
+    let cid = Name::new(Path::new("_CID"), &cid);
+    let adr = Name::new(Path::new("_ADR"), &0u8);
+    let seg = Name::new(Path::new("_SEG"), &0u8);
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let bbn = Name::new(Path::new("_BBN"), &0u8);
+
+    let buses = AddressSpace::<u16>::new_bus_number(0, 0);
+    let cf8 = IO::new(0xcf8, 0xcf8, 1, 8);
+    let io = AddressSpace::<u16>::new_io(PCI_IO_START, PCI_IO_END, None);
+    let mmio32 = AddressSpace::<u32>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        PCI_MMIO32_START as u32,
+        (PCI_MMIO32_END - 1) as u32,
+        None,
+    );
+    let mmio64 = AddressSpace::<u64>::new_memory(
+        AddressSpaceCacheable::NotCacheable,
+        true,
+        layout.mmio64_start(),
+        layout.mmio64_end() - 1,
+        None,
+    );
+    let crs = ResourceTemplate::new(vec![&buses, &cf8, &io, &mmio32, &mmio64]);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    bytes(&Device::new(Path::new("PCI0"), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
+}
+
+/// Resources the platform itself decodes: the ECAM window. Linux uses MCFG only when
+/// the window is claimed here ("not reserved in ACPI motherboard resources" otherwise).
+fn motherboard_resources() -> Vec<u8> {
+    let hid = EISAName::new("PNP0C02");
+    let hid = Name::new(Path::new("_HID"), &hid);
+    let uid = Name::new(Path::new("_UID"), &0u8);
+    let ecam = Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
+    let crs = ResourceTemplate::new(vec![&ecam]);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    bytes(&Device::new(Path::new("MBRS"), vec![&hid, &uid, &crs]))
 }
 
 /// AML for an ISA device with a PnP ID, an I/O range and an edge-triggered,
@@ -331,10 +405,14 @@ mod tests {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap()
     }
 
+    fn layout() -> MemoryLayout {
+        MemoryLayout::new(5 << 30).unwrap()
+    }
+
     #[test]
     fn pointer_chain_and_checksums() {
         let mem = mem();
-        let rsdp_addr = write_acpi_tables(&mem, 4).unwrap();
+        let rsdp_addr = write_acpi_tables(&mem, &layout(), 4).unwrap();
         assert_eq!(rsdp_addr, GuestAddress(ACPI_START));
         let mut rsdp = [0u8; 36];
         mem.read_slice(&mut rsdp, rsdp_addr).unwrap();
@@ -345,10 +423,14 @@ mod tests {
 
         let xsdt = read_table(&mem, u64_at(&rsdp, 24));
         assert_eq!(&xsdt[..4], b"XSDT");
-        assert_eq!(xsdt.len(), 36 + 16);
+        assert_eq!(xsdt.len(), 36 + 24);
         let fadt = read_table(&mem, u64_at(&xsdt, 36));
         let madt = read_table(&mem, u64_at(&xsdt, 44));
-        assert_eq!((&fadt[..4], &madt[..4]), (&b"FACP"[..], &b"APIC"[..]));
+        let mcfg = read_table(&mem, u64_at(&xsdt, 52));
+        assert_eq!((&fadt[..4], &madt[..4], &mcfg[..4]), (&b"FACP"[..], &b"APIC"[..], &b"MCFG"[..]));
+        // One allocation entry after the 8 reserved bytes: base, segment 0, buses 0..=0.
+        assert_eq!(mcfg.len(), 44 + 16);
+        assert_eq!((u64_at(&mcfg, 44), &mcfg[52..56]), (PCI_ECAM_START, &[0, 0, 0, 0][..]));
         let dsdt = read_table(&mem, u64_at(&fadt, 140)); // X_DSDT
         assert_eq!(&dsdt[..4], b"DSDT");
         let end = u64_at(&fadt, 140) + dsdt.len() as u64;
@@ -414,8 +496,9 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_has_s5_com1_and_rtc() {
-        let dsdt = dsdt();
+    fn dsdt_has_s5_com1_rtc_and_the_pci_root() {
+        let layout = layout();
+        let dsdt = dsdt(&layout);
         assert_eq!(sum(&dsdt), 0);
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         // NameOp "_S5_" PackageOp len=6 count=4 BytePrefix 5 Zero Zero Zero
@@ -426,6 +509,17 @@ mod tests {
         // IO descriptor for 0x70..0x71 and an extended IRQ descriptor for IRQ 8.
         assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
         assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x08, 0x00, 0x00, 0x00]));
+        // PNP0A08 (PCI Express root) and PNP0C02 (motherboard resources) as EISA ids.
+        assert!(find(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]) && find(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
+        // Memory32Fixed over the ECAM window: 0x86, len 9, read-only, base, size.
+        let mut ecam = vec![0x86, 0x09, 0x00, 0x00];
+        ecam.extend_from_slice(&(PCI_ECAM_START as u32).to_le_bytes());
+        ecam.extend_from_slice(&(PCI_ECAM_SIZE as u32).to_le_bytes());
+        assert!(find(&ecam));
+        // The 64-bit window's bounds, as the QWordMemory descriptor's min and max.
+        let mut qword = layout.mmio64_start().to_le_bytes().to_vec();
+        qword.extend_from_slice(&(layout.mmio64_end() - 1).to_le_bytes());
+        assert!(find(&qword));
     }
 
     #[test]
@@ -439,9 +533,10 @@ mod tests {
 
     #[test]
     fn cpu_limits_and_size() {
-        assert!(matches!(build_tables(0), Err(AcpiError::NoCpus)));
-        assert!(matches!(build_tables(255), Err(AcpiError::TooManyCpus(255))));
-        let t = build_tables(MAX_CPUS).unwrap();
+        let layout = layout();
+        assert!(matches!(build_tables(&layout, 0), Err(AcpiError::NoCpus)));
+        assert!(matches!(build_tables(&layout, 255), Err(AcpiError::TooManyCpus(255))));
+        let t = build_tables(&layout, MAX_CPUS).unwrap();
         let (_, addr, bytes) = t.placed.last().unwrap();
         assert!(addr + bytes.len() as u64 <= RESET_VECTOR);
         let mut last_end = 0;

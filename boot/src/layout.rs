@@ -51,6 +51,20 @@ pub const HIMEM_START: u64 = 0x10_0000;
 pub const MMIO_HOLE_START: u64 = 0xc000_0000;
 pub const MMIO_HOLE_END: u64 = 0x1_0000_0000;
 
+/// 32-bit memory BARs are allocated from [PCI_MMIO32_START, PCI_MMIO32_END): the lower
+/// half of the hole, below ECAM and the fixed devices.
+pub const PCI_MMIO32_START: u64 = MMIO_HOLE_START;
+pub const PCI_MMIO32_END: u64 = PCI_ECAM_START;
+/// ECAM (MMCONFIG) for PCI segment 0, bus 0 only: 32 devices x 8 functions x 4 KiB.
+pub const PCI_ECAM_START: u64 = 0xe000_0000;
+pub const PCI_ECAM_SIZE: u64 = 1 << 20;
+/// The I/O port window routed to PCI (no device uses I/O BARs today; the window is
+/// described so that one could, and kept clear of the legacy ports below 0x1000).
+pub const PCI_IO_START: u16 = 0xc000;
+pub const PCI_IO_END: u16 = 0xffff;
+/// Size of the 64-bit BAR window that starts at `MemoryLayout::mmio64_start`.
+pub const PCI_MMIO64_SIZE: u64 = 64 << 30;
+
 pub const IOAPIC_ADDR: u64 = 0xfec0_0000;
 pub const LAPIC_ADDR: u64 = 0xfee0_0000;
 
@@ -182,11 +196,21 @@ impl MemoryLayout {
         let top = self.high_ram_end().unwrap_or(MMIO_HOLE_END);
         top.div_ceil(MMIO64_ALIGN) * MMIO64_ALIGN
     }
+
+    /// End (exclusive) of the 64-bit BAR window.
+    pub fn mmio64_end(&self) -> u64 {
+        self.mmio64_start() + PCI_MMIO64_SIZE
+    }
 }
 
 // The fixed devices and KVM's private pages are inside the MMIO hole, clear of each
 // other, and below 4 GiB (the MADT and MP table hold 32-bit addresses).
 const _: () = assert!(IOAPIC_ADDR >= MMIO_HOLE_START && LAPIC_ADDR < MMIO_HOLE_END);
+const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR);
+// Everything the layout can place ends below 2^42, the smallest physical address width
+// of x86-64 hosts Tandem targets once RAM nears MAX_RAM_BYTES (small guests stay far
+// below TCG's 40 bits).
+const _: () = assert!(MMIO_HOLE_END + MAX_RAM_BYTES + MMIO64_ALIGN + PCI_MMIO64_SIZE <= 1 << 42);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_ADDR + PAGE_SIZE);
 const _: () = assert!(KVM_PRIVATE_END <= MMIO_HOLE_END);
 

@@ -5,7 +5,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use crate::layout::{
     MemoryLayout, ACPI_START, CMDLINE_MAX_SIZE, CMDLINE_START, EBDA_END, EBDA_START, HIMEM_START,
-    KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_END, MMIO_HOLE_END, ZERO_PAGE_START,
+    KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_END, MMIO_HOLE_END, PCI_ECAM_SIZE, PCI_ECAM_START, ZERO_PAGE_START,
 };
 use crate::loader::{InitrdRegion, KernelImage};
 
@@ -64,6 +64,9 @@ pub fn build_e820(layout: &MemoryLayout) -> Vec<E820Entry> {
         E820Entry::new(EBDA_START, EBDA_END, E820Kind::Reserved),
         E820Entry::new(ACPI_START, HIMEM_START, E820Kind::Reserved),
         E820Entry::new(HIMEM_START, layout.low_ram_end(), E820Kind::Ram),
+        // Linux accepts an MCFG region only if firmware reserved it (here and in the
+        // DSDT's motherboard resources); otherwise it falls back to port I/O config.
+        E820Entry::new(PCI_ECAM_START, PCI_ECAM_START + PCI_ECAM_SIZE, E820Kind::Reserved),
         E820Entry::new(KVM_IDENTITY_MAP_ADDR, KVM_PRIVATE_END, E820Kind::Reserved),
     ];
     if let Some(end) = layout.high_ram_end() {
@@ -174,12 +177,13 @@ mod tests {
     #[test]
     fn e820_small_guest() {
         let map = build_e820(&MemoryLayout::new(256 * MIB).unwrap());
-        assert_eq!(map.len(), 5);
+        assert_eq!(map.len(), 6);
         assert_eq!(map[0], E820Entry { addr: 0, size: 0x9fc00, kind: E820Kind::Ram });
         assert_eq!(map[1], E820Entry { addr: 0x9fc00, size: 0x400, kind: E820Kind::Reserved });
         assert_eq!(map[2], E820Entry { addr: 0xe0000, size: 0x20000, kind: E820Kind::Reserved });
         assert_eq!(map[3], E820Entry { addr: MIB, size: 255 * MIB, kind: E820Kind::Ram });
-        assert_eq!(map[4].kind, E820Kind::Reserved);
+        assert_eq!(map[4], E820Entry { addr: PCI_ECAM_START, size: PCI_ECAM_SIZE, kind: E820Kind::Reserved });
+        assert_eq!(map[5].kind, E820Kind::Reserved);
         for pair in map.windows(2) {
             assert!(pair[0].addr + pair[0].size <= pair[1].addr, "sorted, no overlap: {pair:x?}");
         }
@@ -211,7 +215,7 @@ mod tests {
         assert_eq!({ hdr.ramdisk_size }, (3 * MIB) as u32);
         assert_eq!({ p.ext_ramdisk_image }, 0);
         assert_eq!({ p.acpi_rsdp_addr }, 0xe0000);
-        assert_eq!(p.e820_entries, 5);
+        assert_eq!(p.e820_entries, 6);
         let first = p.e820_table[0];
         assert_eq!(({ first.addr }, { first.size }, { first.r#type }), (0, 0x9fc00, 1));
     }
@@ -243,6 +247,6 @@ mod tests {
         let magic: u16 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x1fe)).unwrap();
         assert_eq!(magic, 0xaa55);
         let entries: u8 = mem.read_obj(GuestAddress(ZERO_PAGE_START + 0x1e8)).unwrap();
-        assert_eq!(entries, 5);
+        assert_eq!(entries, 6);
     }
 }

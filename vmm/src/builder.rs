@@ -101,7 +101,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     if cpus <= boot::mptable::MAX_CPUS {
         boot_data("the MP table", boot::mptable::write_mptable(mem, cpus))?;
     }
-    let rsdp = boot_data("the ACPI tables", boot::acpi::write_acpi_tables(mem, cpus))?;
+    let rsdp = boot_data("the ACPI tables", boot::acpi::write_acpi_tables(mem, &layout, cpus))?;
     boot_data(
         "the boot parameters",
         boot::params::write_boot_params(mem, &layout, &kernel, config.cmdline.len(), initrd, Some(rsdp)),
