@@ -63,6 +63,13 @@ impl Bus {
         entries.remove(&base).map(|e| e.device).ok_or(BusError::NotFound(base))
     }
 
+    /// Removes every device. Devices can refer back to the bus that holds them (a PCI
+    /// root's BAR mapper does), so a VM being torn down clears its buses to break
+    /// those cycles.
+    pub fn clear(&self) {
+        self.entries.write().unwrap_or_else(|e| e.into_inner()).clear();
+    }
+
     /// The device covering `addr` and the offset of `addr` inside its range.
     fn resolve(&self, addr: u64, width: usize) -> Option<(SharedDevice, u64)> {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());

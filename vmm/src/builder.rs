@@ -110,6 +110,13 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let latch = Arc::new(ExitLatch::new().map_err(BuildError::ExitEvent)?);
     let mut devices = DeviceManager::new(latch.power_sink());
     devices.add_legacy_devices(&vm, serial_output(&config.serial)?, boot::layout::ACPI_SLEEP_PORT)?;
+    devices.enable_pci(&vm, &layout)?;
+    for disk in &config.disks {
+        devices.add_disk(disk)?;
+    }
+    for nic in &config.nets {
+        devices.add_net(nic)?;
+    }
 
     let mut supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     // KVM emulates the TSC-deadline timer with its in-kernel LAPIC but leaves the CPUID

@@ -15,6 +15,10 @@ pub enum ConfigError {
     TooManyCpus { cpus: u32, max: u32 },
     #[error("--serial {0:?} is not understood: use stdio, off or file=PATH")]
     BadSerial(String),
+    #[error("--{flag} {value:?}: {reason}; e.g. --{flag} {example}")]
+    BadDevice { flag: &'static str, value: String, reason: String, example: &'static str },
+    #[error("two devices have the id {0:?}: give each --net/--disk its own id=")]
+    DuplicateId(String),
 }
 
 /// Where the guest's COM1 output goes.
@@ -43,6 +47,28 @@ impl std::str::FromStr for SerialConfig {
     }
 }
 
+/// A virtio-net NIC on a host tap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetConfig {
+    pub id: String,
+    /// The tap's name; created (and removed on exit) when it does not exist.
+    pub tap: String,
+    /// The guest's MAC; a locally administered one is generated when absent.
+    pub mac: Option<[u8; 6]>,
+    /// Queue pairs (multiqueue when > 1).
+    pub queues: u16,
+}
+
+/// A virtio-blk disk on a raw image file or block device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    pub id: String,
+    pub path: PathBuf,
+    pub readonly: bool,
+    /// Open with O_DIRECT (bypass the host page cache).
+    pub direct: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VmConfig {
     pub kernel: PathBuf,
@@ -52,6 +78,8 @@ pub struct VmConfig {
     /// Guest RAM in bytes.
     pub memory: u64,
     pub serial: SerialConfig,
+    pub nets: Vec<NetConfig>,
+    pub disks: Vec<DiskConfig>,
 }
 
 impl VmConfig {
@@ -69,6 +97,8 @@ impl VmConfig {
             cpus: 1,
             memory: 512 << 20,
             serial: SerialConfig::default(),
+            nets: Vec::new(),
+            disks: Vec::new(),
         }
     }
 
@@ -83,7 +113,118 @@ impl VmConfig {
         if self.memory == 0 {
             return Err(ConfigError::ZeroMemory);
         }
+        let mut ids = std::collections::HashSet::new();
+        for id in self.nets.iter().map(|n| &n.id).chain(self.disks.iter().map(|d| &d.id)) {
+            if !ids.insert(id) {
+                return Err(ConfigError::DuplicateId(id.clone()));
+            }
+        }
         Ok(())
+    }
+}
+
+/// One `--net`/`--disk` value being parsed, for errors that quote it with an example.
+struct DeviceFlag<'a> {
+    flag: &'static str,
+    example: &'static str,
+    value: &'a str,
+}
+
+impl<'a> DeviceFlag<'a> {
+    fn error(&self, reason: String) -> ConfigError {
+        ConfigError::BadDevice { flag: self.flag, value: self.value.to_string(), reason, example: self.example }
+    }
+
+    /// `key=value` pairs in order, e.g. `tap=tap0,mac=02:00:00:00:00:01`.
+    fn pairs(&self) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+        let mut out: Vec<(&str, &str)> = Vec::new();
+        for item in self.value.split(',') {
+            let (k, v) = item.split_once('=').ok_or_else(|| self.error(format!("{item:?} is not key=value")))?;
+            if out.iter().any(|(seen, _)| *seen == k) {
+                return Err(self.error(format!("{k} is given twice")));
+            }
+            out.push((k, v));
+        }
+        Ok(out)
+    }
+
+    fn on_off(&self, key: &str, v: &str) -> Result<bool, ConfigError> {
+        match v {
+            "on" => Ok(true),
+            "off" => Ok(false),
+            _ => Err(self.error(format!("{key}={v:?} must be on or off"))),
+        }
+    }
+}
+
+fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for byte in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *byte = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NetConfig {
+    const EXAMPLE: &'static str = "tap=tap0,mac=02:00:00:00:00:01,id=net0,queues=1";
+
+    /// Parses `tap=NAME[,mac=MAC][,id=ID][,queues=N]`; `index` names it `netN` without id.
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        let flag = DeviceFlag { flag: "net", example: Self::EXAMPLE, value };
+        let bad = |reason: String| flag.error(reason);
+        let mut net = NetConfig { id: format!("net{index}"), tap: String::new(), mac: None, queues: 1 };
+        for (k, v) in flag.pairs()? {
+            match k {
+                "tap" => net.tap = v.to_string(),
+                "mac" => {
+                    net.mac = Some(
+                        parse_mac(v).ok_or_else(|| bad(format!("mac={v:?} is not a MAC like 02:00:00:00:00:01")))?,
+                    )
+                }
+                "id" if !v.is_empty() => net.id = v.to_string(),
+                "queues" => {
+                    net.queues = v
+                        .parse()
+                        .ok()
+                        .filter(|q| (1..=16).contains(q))
+                        .ok_or_else(|| bad(format!("queues={v:?} must be 1 to 16")))?
+                }
+                _ => return Err(bad(format!("unknown key {k:?} (tap, mac, id, queues)"))),
+            }
+        }
+        if net.tap.is_empty() {
+            return Err(bad("tap=NAME is required".into()));
+        }
+        Ok(net)
+    }
+}
+
+impl DiskConfig {
+    const EXAMPLE: &'static str = "path=disk.img,readonly=on,id=disk0";
+
+    /// Parses `path=PATH[,readonly=on][,direct=on][,id=ID]`; `index` names it `diskN`.
+    pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
+        let flag = DeviceFlag { flag: "disk", example: Self::EXAMPLE, value };
+        let bad = |reason: String| flag.error(reason);
+        let mut disk = DiskConfig { id: format!("disk{index}"), path: PathBuf::new(), readonly: false, direct: false };
+        for (k, v) in flag.pairs()? {
+            match k {
+                "path" => disk.path = PathBuf::from(v),
+                "readonly" => disk.readonly = flag.on_off(k, v)?,
+                "direct" => disk.direct = flag.on_off(k, v)?,
+                "id" if !v.is_empty() => disk.id = v.to_string(),
+                _ => return Err(bad(format!("unknown key {k:?} (path, readonly, direct, id)"))),
+            }
+        }
+        if disk.path.as_os_str().is_empty() {
+            return Err(bad("path=PATH is required".into()));
+        }
+        Ok(disk)
     }
 }
 
@@ -131,6 +272,48 @@ mod tests {
         assert_eq!("file=/tmp/x".parse(), Ok(SerialConfig::File("/tmp/x".into())));
         assert!("file=".parse::<SerialConfig>().is_err());
         assert!("tty".parse::<SerialConfig>().is_err());
+    }
+
+    #[test]
+    fn net_flags() {
+        let n = NetConfig::parse("tap=tap0,mac=02:aa:bb:cc:dd:ee,id=lan,queues=2", 0).unwrap();
+        assert_eq!(
+            n,
+            NetConfig { id: "lan".into(), tap: "tap0".into(), mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]), queues: 2 }
+        );
+        assert_eq!(NetConfig::parse("tap=t", 3).unwrap().id, "net3");
+        for bad in [
+            "",
+            "tap",
+            "mac=02:00:00:00:00:01",
+            "tap=t,mac=zz",
+            "tap=t,mac=02:00:00:00:00",
+            "tap=t,queues=0",
+            "tap=t,queues=99",
+            "tap=t,color=red",
+            "tap=a,tap=b",
+        ] {
+            let e = NetConfig::parse(bad, 0).unwrap_err().to_string();
+            assert!(e.contains("--net") && e.contains("e.g."), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn disk_flags() {
+        let d = DiskConfig::parse("path=/x.img,readonly=on,id=root", 0).unwrap();
+        assert_eq!(d, DiskConfig { id: "root".into(), path: "/x.img".into(), readonly: true, direct: false });
+        assert_eq!(DiskConfig::parse("path=/x,direct=on", 1).unwrap().id, "disk1");
+        for bad in ["", "readonly=on", "path=/x,readonly=yes", "path=/x,size=1G"] {
+            assert!(DiskConfig::parse(bad, 0).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn duplicate_ids_are_refused() {
+        let mut c = VmConfig::new("/k");
+        c.nets.push(NetConfig::parse("tap=a,id=x", 0).unwrap());
+        c.disks.push(DiskConfig::parse("path=/d,id=x", 0).unwrap());
+        assert_eq!(c.validate(), Err(ConfigError::DuplicateId("x".into())));
     }
 
     #[test]

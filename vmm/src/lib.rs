@@ -11,7 +11,9 @@
 pub mod builder;
 pub mod config;
 pub mod device_manager;
+pub mod event_loop;
 pub mod exit;
+pub mod interrupt;
 pub mod memory;
 pub mod runner;
 pub mod terminal;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use vmm::config::{DiskConfig, NetConfig};
 use vmm::{GuestExit, SerialConfig, VmConfig};
 
 /// Boot a Linux guest under KVM.
@@ -41,6 +42,16 @@ struct Cli {
     /// Example: --serial file=/tmp/guest.log
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
     serial: SerialConfig,
+
+    /// A virtio-net NIC on a host tap, created (and removed at exit) if it does not exist.
+    /// Repeatable. Example: --net tap=tap0,mac=02:00:00:00:00:01,id=net0,queues=1
+    #[arg(long, value_name = "tap=NAME[,mac=MAC][,id=ID][,queues=N]")]
+    net: Vec<String>,
+
+    /// A virtio-blk disk on a raw image. Repeatable.
+    /// Example: --disk path=disk.img,readonly=on,id=disk0 (also direct=on for O_DIRECT)
+    #[arg(long, value_name = "path=PATH[,readonly=on][,direct=on][,id=ID]")]
+    disk: Vec<String>,
 }
 
 fn parse_memory(s: &str) -> Result<u64, String> {
@@ -48,15 +59,19 @@ fn parse_memory(s: &str) -> Result<u64, String> {
 }
 
 impl Cli {
-    fn into_config(self) -> VmConfig {
-        VmConfig {
+    fn into_config(self) -> anyhow::Result<VmConfig> {
+        let nets = self.net.iter().enumerate().map(|(i, v)| NetConfig::parse(v, i)).collect::<Result<_, _>>()?;
+        let disks = self.disk.iter().enumerate().map(|(i, v)| DiskConfig::parse(v, i)).collect::<Result<_, _>>()?;
+        Ok(VmConfig {
             kernel: self.kernel,
             initramfs: self.initramfs,
             cmdline: self.cmdline,
             cpus: self.cpus,
             memory: self.memory,
             serial: self.serial,
-        }
+            nets,
+            disks,
+        })
     }
 }
 
@@ -91,7 +106,7 @@ fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmStopper) {
 
 fn run(cli: Cli) -> anyhow::Result<GuestExit> {
     let signals = block_stop_signals();
-    let config = cli.into_config();
+    let config = cli.into_config()?;
     let vm = vmm::start(&config).context("cannot start the VM")?;
     forward_stop_signals(signals, vm.stopper());
     Ok(vm.wait()?)

@@ -2,6 +2,8 @@
 //! and the irqfd/ioeventfd registrations devices use to skip the VMM on hot paths.
 
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
+use std::sync::Arc;
+
 use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
@@ -49,7 +51,7 @@ pub enum VmError {
 pub struct Vm {
     // Drop order: the VM fd (and with it KVM's memory slots) before the RAM it maps.
     kvm: Kvm,
-    fd: VmFd,
+    fd: Arc<VmFd>,
     ram: GuestRam,
 }
 
@@ -81,7 +83,7 @@ impl Vm {
     /// Creates the VM with guest RAM over `ram`, an in-kernel PIC/IOAPIC/LAPIC and PIT.
     pub fn new(kvm: Kvm, ram: &[(GuestAddress, usize)]) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let vm = Self { kvm, fd, ram: GuestRam::new(ram)? };
+        let vm = Self { kvm, fd: Arc::new(fd), ram: GuestRam::new(ram)? };
         vm.register_memory()?;
         vm.create_irqchip()?;
         Ok(vm)
@@ -128,6 +130,12 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    /// The VM fd for objects that outlive a borrow (interrupt routing used from vCPU
+    /// threads). They must still not outlive the VM's devices.
+    pub fn fd_arc(&self) -> Arc<VmFd> {
+        self.fd.clone()
     }
 
     pub fn memory(&self) -> &GuestMemory {

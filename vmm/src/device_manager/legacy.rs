@@ -8,8 +8,12 @@ use devices::legacy::{AcpiPmControl, Cmos, EventFdTrigger, SerialDevice, I8042};
 use super::{DeviceError, DeviceManager};
 use crate::vm::Vm;
 
-const COM1_PORT: u64 = 0x3f8;
-const COM1_GSI: u32 = 4;
+const COM1_PORT: u64 = boot::layout::COM1_PORT as u64;
+const COM1_GSI: u32 = boot::layout::COM1_IRQ;
+
+// The ACPI tables promise what the power register decodes.
+const _: () = assert!(AcpiPmControl::S5_SLEEP_TYPE == boot::layout::ACPI_S5_SLEEP_TYPE);
+const _: () = assert!(AcpiPmControl::RESET_VALUE == boot::layout::ACPI_RESET_VALUE);
 
 impl DeviceManager {
     /// Adds COM1 (output to `serial_out`), the i8042 and CMOS, and the ACPI sleep/reset

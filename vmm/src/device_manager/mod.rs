@@ -2,14 +2,22 @@
 //! devices use. Nothing else creates devices or picks their addresses.
 
 mod legacy;
+mod pci;
+mod virtio;
 
 use std::sync::{Arc, Mutex};
 
+use boot::layout::MemoryLayout;
 use devices::legacy::{PowerSink, SerialDevice};
+use devices::virtio::GuestMemory;
+use kvm_ioctls::VmFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use self::pci::PciSegment;
+use crate::event_loop::{DeviceEventLoop, EventLoopError};
+use crate::interrupt::{GsiRouting, InterruptError};
 use crate::vcpu::Buses;
-use crate::vm::VmError;
+use crate::vm::{Vm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -27,6 +35,34 @@ pub enum DeviceError {
     },
     #[error(transparent)]
     Vm(#[from] VmError),
+    #[error(transparent)]
+    Interrupt(#[from] InterruptError),
+    #[error(transparent)]
+    EventLoop(#[from] EventLoopError),
+    #[error("PCI bus: {0}")]
+    Pci(#[source] ::pci::PciBusError),
+    #[error("PCI address window {0}")]
+    Window(String),
+    #[error("device {id}: {reason}")]
+    Backend { id: String, reason: String },
+    #[error("PCI devices need the PCI bus, which this VM was built without")]
+    NoPci,
+}
+
+/// What PCI devices share: the segment, MSI routing, the worker loop, guest memory.
+struct PciState {
+    segment: PciSegment,
+    vm: Arc<VmFd>,
+    routing: Arc<GsiRouting>,
+    event_loop: Arc<DeviceEventLoop>,
+    memory: GuestMemory,
+}
+
+/// A device on the PCI bus, by the id the user gave it.
+pub struct PciDeviceEntry {
+    pub id: String,
+    pub slot: u8,
+    pub device: ::pci::SharedPciDevice,
 }
 
 pub struct DeviceManager {
@@ -34,11 +70,37 @@ pub struct DeviceManager {
     /// Where devices report the guest's power-off and reset requests.
     power: PowerSink,
     serial: Option<Arc<Mutex<SerialDevice>>>,
+    pci: Option<PciState>,
+    pci_devices: Vec<PciDeviceEntry>,
 }
 
 impl DeviceManager {
     pub fn new(power: PowerSink) -> Self {
-        Self { buses: Arc::new(Buses::default()), power, serial: None }
+        Self { buses: Arc::new(Buses::default()), power, serial: None, pci: None, pci_devices: Vec::new() }
+    }
+
+    /// Creates the PCI root bus (config ports, ECAM, BAR windows), the MSI routing
+    /// table and the device event loop.
+    pub fn enable_pci(&mut self, vm: &Vm, layout: &MemoryLayout) -> Result<(), DeviceError> {
+        let segment = PciSegment::new(&self.buses, vm.fd_arc(), layout)?;
+        self.pci = Some(PciState {
+            segment,
+            vm: vm.fd_arc(),
+            routing: Arc::new(GsiRouting::new(vm.fd_arc())),
+            event_loop: Arc::new(DeviceEventLoop::start()?),
+            memory: vm.memory().clone(),
+        });
+        Ok(())
+    }
+
+    /// The devices on the PCI bus.
+    pub fn pci_devices(&self) -> &[PciDeviceEntry] {
+        &self.pci_devices
+    }
+
+    /// BAR moves the guest asked for that could not be applied (overlaps, KVM refusals).
+    pub fn bar_map_failures(&self) -> u64 {
+        self.pci.as_ref().map_or(0, |p| p.segment.map_failures())
     }
 
     pub fn buses(&self) -> &Arc<Buses> {
@@ -62,5 +124,19 @@ impl DeviceManager {
         dev: Arc<Mutex<dyn devices::BusDevice>>,
     ) -> Result<(), DeviceError> {
         self.buses.pio.insert(base, len, dev).map_err(|source| DeviceError::Bus { what, source })
+    }
+}
+
+impl Drop for DeviceManager {
+    /// Runs after the vCPUs are stopped and before guest memory is unmapped (see
+    /// `RunningVm`): stop every device worker, then clear the buses, whose devices can
+    /// refer back to them (BAR mapper, config accessors) and would otherwise be leaked
+    /// with the worker loop they hold.
+    fn drop(&mut self) {
+        if let Some(pci) = &self.pci {
+            pci.event_loop.shutdown();
+        }
+        self.buses.pio.clear();
+        self.buses.mmio.clear();
     }
 }

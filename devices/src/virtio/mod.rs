@@ -1,0 +1,9 @@
+//! Virtio devices, independent of their transport (virtio-pci lives in the `pci` crate).
+
+pub mod block;
+mod device;
+pub mod net;
+
+pub use device::{
+    ActivateError, ActivatedQueue, GuestMemory, VirtioDevice, VirtioInterrupt, VirtioInterruptType, Worker,
+};

@@ -1,0 +1,29 @@
+//! The guest PCI topology: config space, BARs, MSI/MSI-X, the root bus with its
+//! config access mechanisms, and the virtio-pci transport.
+//!
+//! Nothing here talks to KVM. The VMM implements three traits and this crate calls
+//! them when the guest changes something that needs KVM or the event loop:
+//! - [`interrupt::MsiVectors`]: MSI/MSI-X vector routing (GSI routes, irqfds), called
+//!   only on changes;
+//! - [`bus::BarMapper`]: a BAR now decoded elsewhere (or no longer, or again): move its
+//!   [`device::BarRegion`] on the MMIO/PIO bus, its ioeventfds, its memory slot;
+//! - [`virtio_pci::WorkerHost`]: run or stop a virtio device's worker.
+//!
+//! Lock order, outermost first: the root's config-write lock, a device's lock, its
+//! MSI-X state; `MsiVectors`, `BarMapper` and `WorkerHost` implementations must not
+//! take locks that lead back up this chain (see each trait).
+
+pub mod bus;
+pub mod config;
+pub mod device;
+pub mod host_bridge;
+pub mod interrupt;
+pub mod msi;
+pub mod msix;
+pub mod virtio_pci;
+
+pub use bus::{BarMapper, PciBusError, PciConfigIo, PciConfigMmio, PciRoot};
+pub use config::{BarChange, BarKind, BarSpec, ConfigError, PciConfiguration, PciHeader};
+pub use device::{BarIoEvent, BarRegion, PciDevice, SharedPciDevice};
+pub use interrupt::{MsiMessage, MsiVectors};
+pub use virtio_pci::{VirtioPciDevice, VirtioPciError, WorkerHost, WorkerId};

@@ -1,0 +1,151 @@
+//! The PCI root bus: config access (0xcf8 ports and ECAM), BAR address allocation,
+//! mapping BARs and their ioeventfds where the guest has them decoded, and adding
+//! devices with MSI-X vectors routed through KVM.
+
+use std::sync::{Arc, Mutex};
+
+use boot::layout::{MemoryLayout, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use pci::{BarChange, BarKind, BarMapper, BarRegion, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice};
+use vm_allocator::{AddressAllocator, AllocPolicy};
+
+use super::DeviceError;
+use crate::vcpu::Buses;
+
+/// What the guest did to a BAR that could not be honoured; counted, since the guest
+/// sees only a BAR that does not answer.
+#[derive(Default)]
+pub struct BarMapFailures(std::sync::atomic::AtomicU64);
+
+/// Moves BAR regions on the buses and KVM ioeventfds as the guest (re)programs BARs.
+struct KvmBarMapper {
+    buses: Arc<Buses>,
+    vm: Arc<VmFd>,
+    failures: Arc<BarMapFailures>,
+}
+
+impl KvmBarMapper {
+    fn fail(&self) {
+        self.failures.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn bus(&self, kind: BarKind) -> &devices::Bus {
+        match kind {
+            BarKind::Io => &self.buses.pio,
+            BarKind::Memory32 | BarKind::Memory64 => &self.buses.mmio,
+        }
+    }
+
+    fn ioevent_addr(kind: BarKind, addr: u64) -> IoEventAddress {
+        match kind {
+            BarKind::Io => IoEventAddress::Pio(addr),
+            BarKind::Memory32 | BarKind::Memory64 => IoEventAddress::Mmio(addr),
+        }
+    }
+
+    /// Maps (or unmaps) BAR `index` of `device` at `base`.
+    fn map(&self, device: &SharedPciDevice, index: u8, kind: BarKind, size: u64, base: u64, on: bool) {
+        let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+        for ev in dev.ioeventfds().into_iter().filter(|e| e.bar == index) {
+            let addr = Self::ioevent_addr(kind, base + ev.offset);
+            let r = if on {
+                self.vm.register_ioevent(ev.eventfd, &addr, NoDatamatch)
+            } else {
+                self.vm.unregister_ioevent(ev.eventfd, &addr, NoDatamatch)
+            };
+            if r.is_err() {
+                self.fail();
+            }
+        }
+        drop(dev);
+        let r = if on {
+            self.bus(kind).insert(base, size, Arc::new(Mutex::new(BarRegion::new(device.clone(), index)))).map(drop)
+        } else {
+            self.bus(kind).remove(base).map(drop)
+        };
+        if r.is_err() {
+            self.fail();
+        }
+    }
+}
+
+impl BarMapper for KvmBarMapper {
+    fn bar_changed(&self, _slot: u8, device: &SharedPciDevice, change: &BarChange) {
+        if let Some(old) = change.old {
+            self.map(device, change.index, change.kind, change.size, old, false);
+        }
+        if let Some(new) = change.new {
+            self.map(device, change.index, change.kind, change.size, new, true);
+        }
+    }
+}
+
+/// Segment 0 with its config-space accessors and BAR windows.
+pub struct PciSegment {
+    root: Arc<PciRoot>,
+    mapper: Arc<KvmBarMapper>,
+    mmio32: AddressAllocator,
+    mmio64: AddressAllocator,
+}
+
+impl PciSegment {
+    /// Creates the root bus and puts its config accessors on the buses.
+    pub fn new(buses: &Arc<Buses>, vm: Arc<VmFd>, layout: &MemoryLayout) -> Result<Self, DeviceError> {
+        let failures = Arc::new(BarMapFailures::default());
+        let mapper = Arc::new(KvmBarMapper { buses: buses.clone(), vm, failures });
+        let root = Arc::new(PciRoot::new(mapper.clone()));
+        let place = |what, source| DeviceError::Bus { what, source };
+        buses
+            .pio
+            .insert(0xcf8, 8, Arc::new(Mutex::new(PciConfigIo::new(root.clone()))))
+            .map_err(|e| place("the PCI config ports", e))?;
+        buses
+            .mmio
+            .insert(PCI_ECAM_START, PCI_ECAM_SIZE, Arc::new(Mutex::new(PciConfigMmio::new(root.clone()))))
+            .map_err(|e| place("the PCI ECAM window", e))?;
+        let window = |base: u64, end: u64| {
+            AddressAllocator::new(base, end - base)
+                .map_err(|e| DeviceError::Window(format!("{base:#x}..{end:#x}: {e}")))
+        };
+        Ok(Self {
+            root,
+            mapper,
+            mmio32: window(PCI_MMIO32_START, PCI_MMIO32_END)?,
+            mmio64: window(layout.mmio64_start(), layout.mmio64_end())?,
+        })
+    }
+
+    /// Puts `device` in a free slot, gives its BARs addresses and maps them.
+    pub fn add(&mut self, device: SharedPciDevice) -> Result<u8, DeviceError> {
+        let bars = device.lock().unwrap_or_else(|e| e.into_inner()).bars();
+        let mut placed = Vec::with_capacity(bars.len());
+        for bar in &bars {
+            let window = match bar.kind {
+                BarKind::Memory64 => &mut self.mmio64,
+                BarKind::Memory32 => &mut self.mmio32,
+                BarKind::Io => return Err(DeviceError::Window("I/O BARs are not supported yet".into())),
+            };
+            // BARs are naturally aligned; at least a page, so each can be mapped alone.
+            let size = bar.size.max(4096);
+            let range = window
+                .allocate(size, size, AllocPolicy::FirstMatch)
+                .map_err(|e| DeviceError::Window(format!("no room for a BAR of {size:#x} bytes: {e}")))?;
+            device
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_bar_address(bar.index, range.start())
+                .map_err(|e| DeviceError::Window(format!("BAR {}: {e}", bar.index)))?;
+            placed.push((bar.index, bar.kind, bar.size, range.start()));
+        }
+        let slot = self.root.add_device(device.clone()).map_err(DeviceError::Pci)?;
+        for (index, kind, size, base) in placed {
+            self.mapper.map(&device, index, kind, size, base, true);
+        }
+        Ok(slot)
+    }
+
+    /// BAR or ioeventfd changes that could not be applied (see `BarMapFailures`).
+    pub fn map_failures(&self) -> u64 {
+        self.mapper.failures.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
