@@ -47,35 +47,9 @@ pub const SLP_TYP_MASK: u8 = 0x7 << SLP_TYP_SHIFT;
 /// What Linux writes to the sleep control register to power off (0x34).
 pub const SLEEP_CONTROL_S5: u8 = (ACPI_S5_SLEEP_TYPE << SLP_TYP_SHIFT) | SLP_EN;
 /// Sleep status register: WAK_STS, bit 7. Linux writes it (to clear it) just before
-/// writing the sleep control register, to the same port here.
+/// writing the sleep control register, to the same port here. The device that decodes
+/// these writes is `devices::legacy::AcpiPmControl`.
 pub const SLEEP_STATUS_WAK_STS: u8 = 1 << 7;
-
-/// What a byte written to ACPI_SLEEP_PORT asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SleepPortWrite {
-    /// ACPI_RESET_VALUE: reset (reboot).
-    Reset,
-    /// SLP_EN with the \_S5_ sleep type: power off.
-    PowerOff,
-    /// SLP_EN with another sleep type (none is advertised, so a guest should not ask).
-    Sleep(u8),
-    /// Anything else, e.g. the WAK_STS clear that precedes a sleep: ignore it.
-    Other,
-}
-
-/// Decodes a guest write to ACPI_SLEEP_PORT, for the device that emulates it.
-pub fn decode_sleep_port_write(value: u8) -> SleepPortWrite {
-    if value == ACPI_RESET_VALUE {
-        return SleepPortWrite::Reset;
-    }
-    if value & SLP_EN == 0 {
-        return SleepPortWrite::Other;
-    }
-    match (value & SLP_TYP_MASK) >> SLP_TYP_SHIFT {
-        ACPI_S5_SLEEP_TYPE => SleepPortWrite::PowerOff,
-        other => SleepPortWrite::Sleep(other),
-    }
-}
 
 const OEM_ID: [u8; 6] = *b"TANDEM";
 const OEM_TABLE_ID: [u8; 8] = *b"TANDEMVM";
@@ -520,15 +494,6 @@ mod tests {
         let mut qword = layout.mmio64_start().to_le_bytes().to_vec();
         qword.extend_from_slice(&(layout.mmio64_end() - 1).to_le_bytes());
         assert!(find(&qword));
-    }
-
-    #[test]
-    fn sleep_port_decoding() {
-        assert_eq!(SLEEP_CONTROL_S5, 0x34);
-        assert_eq!(decode_sleep_port_write(SLEEP_CONTROL_S5), SleepPortWrite::PowerOff);
-        assert_eq!(decode_sleep_port_write(ACPI_RESET_VALUE), SleepPortWrite::Reset);
-        assert_eq!(decode_sleep_port_write(SLEEP_STATUS_WAK_STS), SleepPortWrite::Other);
-        assert_eq!(decode_sleep_port_write((3 << 2) | SLP_EN), SleepPortWrite::Sleep(3));
     }
 
     #[test]
