@@ -117,6 +117,40 @@ fn bad_serial() {
     assert_refused(&["--kernel", "/x", "--serial", "tty"], &["stdio, off or file=PATH"]);
 }
 
+#[test]
+fn two_devices_with_one_id() {
+    assert_refused(
+        &["--kernel", "/x", "--net", "tap=t0,id=nic", "--disk", "path=/tmp/d.img,id=nic"],
+        &["two devices have the id \"nic\""],
+    );
+}
+
+#[test]
+fn malformed_device_flags() {
+    assert_refused(&["--kernel", "/x", "--net", "mac=02:00:00:00:00:01"], &["--net", "tap=NAME is required"]);
+    assert_refused(&["--kernel", "/x", "--disk", "path=/d,readonly=maybe"], &["readonly=\"maybe\" must be on or off"]);
+}
+
+#[test]
+fn tap_name_too_long() {
+    need_kvm();
+    let kernel = kernel_image();
+    assert_refused(
+        &["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--net", "tap=this-name-is-far-too-long"],
+        &["this-name-is-far-too-long", "15"],
+    );
+}
+
+#[test]
+fn missing_disk_image() {
+    need_kvm();
+    let kernel = kernel_image();
+    assert_refused(
+        &["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--disk", "path=/nonexistent/disk.img"],
+        &["/nonexistent/disk.img"],
+    );
+}
+
 /// The Debian kernel fetched by `resources/fetch-guest.sh`.
 fn kernel_image() -> std::path::PathBuf {
     let p = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../resources/cache/vmlinuz");
