@@ -52,6 +52,15 @@ pub enum ActivateError {
     Backend(#[source] std::io::Error),
 }
 
+/// Copies the part of a device's configuration space at `offset` into `data`; bytes
+/// past its end (or offsets that overflow) read as zero, as the contract asks.
+pub fn read_config_space(space: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, byte) in data.iter_mut().enumerate() {
+        let at = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok());
+        *byte = at.and_then(|o| space.get(o)).copied().unwrap_or(0);
+    }
+}
+
 pub trait VirtioDevice: Send {
     /// The virtio device ID (1 = net, 2 = block, ...).
     fn device_type(&self) -> u32;

@@ -5,5 +5,6 @@ mod device;
 pub mod net;
 
 pub use device::{
-    ActivateError, ActivatedQueue, GuestMemory, VirtioDevice, VirtioInterrupt, VirtioInterruptType, Worker,
+    read_config_space, ActivateError, ActivatedQueue, GuestMemory, VirtioDevice, VirtioInterrupt, VirtioInterruptType,
+    Worker,
 };

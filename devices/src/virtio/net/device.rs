@@ -344,11 +344,7 @@ impl VirtioDevice for Net {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        let cfg = self.config_bytes();
-        for (i, byte) in data.iter_mut().enumerate() {
-            let at = offset.checked_add(i as u64).and_then(|o| usize::try_from(o).ok());
-            *byte = at.and_then(|o| cfg.get(o)).copied().unwrap_or(0);
-        }
+        crate::virtio::read_config_space(&self.config_bytes(), offset, data);
     }
 
     fn write_config(&mut self, _offset: u64, _data: &[u8]) {
