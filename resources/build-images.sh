@@ -6,6 +6,11 @@
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
+# One build at a time: tests and benchmarks started together would otherwise rebuild the
+# same files at once.
+mkdir -p "$CACHE"
+exec 9>"$CACHE/.build-lock"
+flock 9
 SECONDS=0
 "$RES/setup-host.sh"
 "$RES/fetch-guest.sh"

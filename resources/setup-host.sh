@@ -9,13 +9,16 @@
 #   gcc libc6-dev   to build bootmeter, a small static C helper that runs inside L1
 #   qemu-system-x86 Debian 12's QEMU 7.2: not run on this host, it is carried into L1 as the
 #                   comparison VMM for benchmarks and to validate the guest images
-#   iproute2        ip netns / ip tuntap, for the network namespace of the --igb bed
+#   iproute2        ip netns / ip tuntap, for the network namespace of the --igb bed; its
+#                   `ip` is also carried into L1 (busybox's has no `ip tuntap`)
+#   iperf3          Debian 12's iperf3, carried (with its libraries) into L1 and into the L2
+#                   tools initramfs for the network tests and resources/bench/net.sh
 #   debian-archive-keyring  verifies the trixie-backports lists fetch-qemu.sh reads
 #   ca-certificates in case the machine's apt sources use https
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
-PKGS="kmod cpio gzip xz-utils zstd binutils gcc libc6-dev qemu-system-x86 iproute2 \
+PKGS="kmod cpio gzip xz-utils zstd binutils gcc libc6-dev qemu-system-x86 iproute2 iperf3 \
 debian-archive-keyring ca-certificates apt coreutils"
 
 missing=""

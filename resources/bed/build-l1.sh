@@ -7,6 +7,13 @@
 #                                  and firmware: the comparison VMM for the benchmarks and
 #                                  the reference L2 VMM to validate the images with
 #   /bin/bootmeter                 resources/bed/bootmeter.c, built static here
+#   /l2/initrd-tools.gz            the L2 initramfs with iperf3 and blkbench (network/disk tests)
+#   /bin/blkbench                  resources/guest/blkbench.c (built by guest/build-l2.sh)
+#   /usr/bin/iperf3                Debian 12's, with its libraries (the L1 end of net tests)
+#   /sbin/ip                       iproute2's ip (busybox's has no `ip tuntap`), with its
+#                                  libraries; call it as /sbin/ip: busybox sh prefers its applet
+#   /lib/bed.sh                    resources/bed/lib.sh: helpers for scenarios
+#   /lib/l2-script-lib.sh          resources/guest/script-lib.sh: helpers put on script disks
 # The VMM under test is not in here: resources/bed/overlay.sh puts it (and a scenario) in a
 # second archive that is appended to this one at boot, so a rebuild of Tandem does not
 # rebuild this image. Rebuilt only when an input changed.
@@ -21,6 +28,8 @@ set -euo pipefail
 L1_MODULES=${L1_MODULES-"kvm_amd vfio_pci vfio_iommu_type1 igb igbvf tun bridge pvpanic_mmio"}
 
 QEMU72=/usr/bin/qemu-system-x86_64
+IPERF=/usr/bin/iperf3
+IPROUTE=$(command -v ip || true)
 # Firmware QEMU 7.2 loads for -M microvm / -M q35 with -kernel (looked up where Debian puts it).
 FIRMWARE="bios-256k.bin kvmvapic.bin linuxboot_dma.bin pvh.bin qboot.rom bios-microvm.bin"
 
@@ -28,7 +37,11 @@ OUT=$CACHE/l1-base.cpio.gz
 BM=$CACHE/bootmeter
 need_cmd gcc
 [ -x "$QEMU72" ] || die "$QEMU72 is missing: run resources/setup-host.sh (installs qemu-system-x86)"
-[ -f "$CACHE/l2-initrd.cpio.gz" ] || die "no L2 initramfs: run resources/guest/build-l2.sh first"
+[ -f "$CACHE/l2-initrd.cpio.gz" ] && [ -f "$CACHE/l2-initrd-tools.cpio.gz" ] && [ -x "$CACHE/blkbench" ] \
+  || die "no L2 initramfs or blkbench: run resources/guest/build-l2.sh first"
+[ -x "$IPERF" ] || die "$IPERF is missing: run resources/setup-host.sh (installs iperf3)"
+[ -n "$IPROUTE" ] || die "iproute2's ip is missing: run resources/setup-host.sh"
+IPROUTE=$(realpath "$IPROUTE")
 
 if ! up_to_date "$BM" "$RES/bed/bootmeter.c"; then
   gcc -static -O2 -Wall -o "$BM" "$RES/bed/bootmeter.c" \
@@ -36,8 +49,9 @@ if ! up_to_date "$BM" "$RES/bed/bootmeter.c"; then
 fi
 
 STAMP=$CACHE/.l1-modules
-if up_to_date "$OUT" "$0" "$RES/bed/init.sh" "$RES/lib" "$BM" "$CACHE/l2-initrd.cpio.gz" \
-     "$CACHE/.guest-ok" "$QEMU72" && [ "$(cat "$STAMP" 2>/dev/null)" = "$L1_MODULES" ]; then
+if up_to_date "$OUT" "$0" "$RES/bed/init.sh" "$RES/bed/lib.sh" "$RES/guest/script-lib.sh" \
+     "$RES/lib" "$BM" "$CACHE/l2-initrd.cpio.gz" "$CACHE/l2-initrd-tools.cpio.gz" "$CACHE/blkbench" \
+     "$CACHE/.guest-ok" "$QEMU72" "$IPERF" "$IPROUTE" && [ "$(cat "$STAMP" 2>/dev/null)" = "$L1_MODULES" ]; then
   say "L1 base initramfs up to date: $OUT"
   exit 0
 fi
@@ -45,7 +59,13 @@ fi
 args=(--modules "$L1_MODULES"
       --file "$CACHE/vmlinuz:/l2/vmlinuz"
       --file "$CACHE/l2-initrd.cpio.gz:/l2/initrd.gz"
+      --file "$CACHE/l2-initrd-tools.cpio.gz:/l2/initrd-tools.gz"
       --file "$BM:/bin/bootmeter"
+      --file "$CACHE/blkbench:/bin/blkbench"
+      --file "$RES/bed/lib.sh:/lib/bed.sh"
+      --file "$RES/guest/script-lib.sh:/lib/l2-script-lib.sh"
+      --bin "$IPERF:$IPERF"
+      --bin "$IPROUTE:/sbin/ip"
       --bin "$QEMU72:$QEMU72")
 for fw in $FIRMWARE; do
   found=""

@@ -53,6 +53,8 @@ QEMU=$CACHE/qemu/qemu KERNEL=$CACHE/vmlinux-l1 BASE=$CACHE/l1-base.cpio.gz
 [ "$OVERLAY" = - ] || [ -f "$OVERLAY" ] || die "overlay '$OVERLAY' not found (make one with resources/bed/overlay.sh)"
 need_cmd timeout
 mkdir -p "$(dirname "$LOG")"
+# QEMU's file: chardev does not truncate: a longer log from an earlier run would keep its tail.
+rm -f "$LOG"
 
 # Base + overlay in one file. The kernel looks for each following archive at a 4-byte
 # aligned offset, so the gzip'ed base is padded with zero bytes (which it skips).

@@ -1,20 +1,49 @@
 #!/bin/bash
-# build-l2.sh — the L2 guest's initramfs: resources/cache/l2-initrd.cpio.gz
-# busybox + resources/guest/init.sh as /init + the modules in L2_MODULES (with their
-# dependencies). Later work adds e.g. "virtio_pci virtio_net net_failover igbvf".
-# Rebuilt only when an input changed.
+# build-l2.sh — the L2 guest's initramfs images and blkbench:
+#   resources/cache/l2-initrd.cpio.gz        busybox + resources/guest/init.sh as /init + the
+#                                            modules in L2_MODULES (with their dependencies).
+#                                            Lean on purpose: boot time is benchmarked with it.
+#   resources/cache/l2-initrd-tools.cpio.gz  the same plus the test tools: /usr/bin/iperf3
+#                                            (Debian 12's, with its shared libraries, ~8 MB)
+#                                            and /bin/blkbench. For network and disk tests.
+#   resources/cache/blkbench                 resources/guest/blkbench.c, built static (it runs
+#                                            in L2 and in L1)
+# Each is rebuilt only when one of its inputs changed.
 set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
 
-# Modules loaded by L2's /init, in this order (dependencies are added automatically).
-L2_MODULES=${L2_MODULES-""}
+# Modules loaded by L2's /init, in this order (dependencies are added automatically):
+# virtio over PCI (the transport of Tandem's PCI devices), its net and block drivers, and
+# net_failover (virtio_net needs it, for VIRTIO_NET_F_STANDBY). /init skips the modules named
+# virtio* and *failover when the guest has no virtio device (see guest/init.sh).
+L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover"}
+
+IPERF=/usr/bin/iperf3
+BB=$CACHE/blkbench
+need_cmd gcc
+[ -x "$IPERF" ] || die "$IPERF is missing: run resources/setup-host.sh (installs iperf3)"
+
+if ! up_to_date "$BB" "$RES/guest/blkbench.c"; then
+  gcc -static -O2 -Wall -o "$BB.tmp.$$" "$RES/guest/blkbench.c" -lpthread \
+    || die "building blkbench failed: is libc6-dev installed (resources/setup-host.sh)?"
+  mv "$BB.tmp.$$" "$BB"
+fi
 
 OUT=$CACHE/l2-initrd.cpio.gz
+TOOLS=$CACHE/l2-initrd-tools.cpio.gz
 STAMP=$CACHE/.l2-modules
-if up_to_date "$OUT" "$0" "$RES/guest/init.sh" "$RES/lib" "$CACHE/.guest-ok" \
-   && [ "$(cat "$STAMP" 2>/dev/null)" = "$L2_MODULES" ]; then
+inputs=("$0" "$RES/guest/init.sh" "$RES/lib" "$CACHE/.guest-ok")
+same_modules() { [ "$(cat "$STAMP" 2>/dev/null)" = "$L2_MODULES" ]; }
+if up_to_date "$OUT" "${inputs[@]}" && same_modules; then
   say "L2 initramfs up to date: $OUT"
-  exit 0
+else
+  "$RES/lib/mkinitrd.sh" "$OUT" "$RES/guest/init.sh" --modules "$L2_MODULES"
+  rm -f "$STAMP"   # the tools image is stale too
 fi
-"$RES/lib/mkinitrd.sh" "$OUT" "$RES/guest/init.sh" --modules "$L2_MODULES"
+if up_to_date "$TOOLS" "${inputs[@]}" "$BB" "$IPERF" && same_modules; then
+  say "L2 tools initramfs up to date: $TOOLS"
+else
+  "$RES/lib/mkinitrd.sh" "$TOOLS" "$RES/guest/init.sh" --modules "$L2_MODULES" \
+    --file "$BB:/bin/blkbench" --bin "$IPERF:$IPERF"
+fi
 echo "$L2_MODULES" > "$STAMP"

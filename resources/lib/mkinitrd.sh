@@ -12,7 +12,8 @@
 #                in load order (resolved with modprobe --show-depends against the unpacked
 #                kernel's modules.dep). /init insmods them in that order; busybox's modprobe
 #                is not used so that no modules.dep has to be in the image.
-#   --file HOST:GUEST  a file copied in (symlinks followed)
+#   --file HOST:GUEST  a file copied in (symlinks followed; replaces a busybox applet link of
+#                      the same path)
 #   --bin HOST:GUEST   a program copied in plus every shared library ldd lists for it, each
 #                      at its own path (the dynamic loader has no ld.so.cache in the guest and
 #                      falls back to the standard multiarch folders, which is where they are)
@@ -41,7 +42,7 @@ KVER=$(kver)
 [ -f "$INIT" ] || die "no init script $INIT"
 
 ST=$(mktemp -d "${TMPDIR:-/tmp}/tandem-initrd.XXXXXX")
-trap 'rm -rf "$ST"' EXIT
+trap 'rm -rf "$ST"; rm -f "${TMP_OUT:-}"' EXIT
 chmod 755 "$ST"
 mkdir -p "$ST"/{bin,sbin,usr/bin,usr/sbin,dev,proc,sys,tmp,run,etc,root,modules}
 chmod 1777 "$ST/tmp"
@@ -73,6 +74,9 @@ done
 put() {  # put HOST GUEST
   [ -e "$1" ] || die "file to put in the initramfs does not exist: $1"
   mkdir -p "$ST/$(dirname "$2")"
+  # A busybox applet link may be there already (e.g. /sbin/ip): replace it, never write
+  # through it (its target, /bin/busybox, would resolve on the build host).
+  rm -f "$ST/$2"
   cp -L "$1" "$ST/$2"
 }
 for fg in ${FILES[@]+"${FILES[@]}"}; do put "${fg%%:*}" "${fg#*:}"; done
@@ -82,10 +86,13 @@ for bg in ${BINS[@]+"${BINS[@]}"}; do
 done
 
 mkdir -p "$(dirname "$OUT")"
+# A temporary name of our own, renamed into place: a reader (or a second build running at
+# the same time) never sees a half-written archive.
+TMP_OUT=$OUT.tmp.$$
 case $COMPRESS in
-  gzip) pack_cpio "$ST" | gzip -6 > "$OUT.tmp" ;;
-  none) pack_cpio "$ST" > "$OUT.tmp" ;;
+  gzip) pack_cpio "$ST" | gzip -6 > "$TMP_OUT" ;;
+  none) pack_cpio "$ST" > "$TMP_OUT" ;;
   *) die "--compress must be gzip or none" ;;
 esac
-mv "$OUT.tmp" "$OUT"
+mv "$TMP_OUT" "$OUT"
 say "built $OUT ($(( $(stat -c %s "$OUT") / 1024 )) KiB), modules: $(tr '\n' ' ' < "$ST/modules/order")"

@@ -1,0 +1,194 @@
+# shellcheck shell=dash
+# /lib/bed.sh in L1 (resources/bed/lib.sh, copied in by build-l1.sh): helpers for L1
+# scenarios, in busybox sh. A scenario sources it: `. /lib/bed.sh`.
+#
+# Variables (a scenario may set TANDEM and RUN_TIMEOUT before or after sourcing):
+#   L2_KERNEL=/l2/vmlinuz  L2_INITRD=/l2/initrd.gz (lean, for boot tests)
+#   L2_INITRD_TOOLS=/l2/initrd-tools.gz (+ iperf3 and blkbench, for net/disk tests)
+#   L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4"   L2_SCRIPT_CMDLINE="$L2_CMDLINE tandem.action=script"
+#   IPROUTE=/sbin/ip  iproute2's ip. Call it by that path: Debian's static busybox sh runs its
+#                     own applet for a bare `ip` (and nc, dd, ...) whatever PATH says
+#   TANDEM (default: tandem)  the VMM run_tandem starts
+#   RUN_TIMEOUT (default 300) seconds a run may take before it is killed
+#
+# Handing L2 a script: the L2 /init with tandem.action=script runs the script it finds on
+# a virtio disk (see resources/guest/init.sh):
+#   mkscript_disk FILE SCRIPT|-     a raw image (64 KiB multiple) for --disk path=FILE,readonly=on:
+#                                   "# TANDEM-L2-SCRIPT", the L2 helpers (/lib/l2-script-lib.sh,
+#                                   i.e. resources/guest/script-lib.sh), then SCRIPT (a file,
+#                                   or - for stdin), NUL-padded. The guest prints its output
+#                                   on its console and ends with "TANDEM-L2-SCRIPT-EXIT rc=<n>".
+# Disks:
+#   mkdisk FILE SIZE [SEED]         a raw image of SIZE (K/M/G suffixes): zeros (sparse), or
+#                                   blkbench's pattern of SEED over the whole of it
+# Network (traffic stays between L1 and its L2 guests on these taps):
+#   tap_up NAME ADDR/PREFIX [multi_queue]   creates a persistent tap in L1, gives it ADDR and
+#                                   brings it up ("multi_queue" for a VMM that opens it with
+#                                   IFF_MULTI_QUEUE, i.e. --net ...,queues=N>1)
+#   tap_down NAME                   deletes it
+#   iperf3_server ADDR              an iperf3 server in L1, bound to ADDR, in the background
+#                                   (one per address)
+#   iperf3_server_stop              stops all of them
+# Runs (each bracketed "RUN-BEGIN <name>" ... "RUN-END <name> rc=<status>" for the harness):
+#   run_tandem NAME ARGS...         $TANDEM ARGS in the foreground (stdin /dev/null), its
+#                                   output inline; returns its status (124/137: timed out)
+#   run_bg NAME CMD...              CMD in the background, output to /tmp/run-NAME.log;
+#                                   prints "RUN-BG <name> pid=<pid>" (not RUN-BEGIN: the
+#                                   bracketed block is printed whole by run_end, so lines L1
+#                                   prints meanwhile stay outside it)
+#   run_wait_for NAME REGEX [SECS]  waits (default 120 s) until that output has a line
+#                                   matching REGEX (grep -E); rc 1 if the run ended first or
+#                                   on timeout
+#   run_signal NAME [SIG]           sends SIG (default TERM) to the run's command
+#   run_end NAME                    waits for it, prints RUN-BEGIN, its output, RUN-END;
+#                                   returns its status
+# Driving a guest whose script runs l2_serve (over the tap; traffic stays in L1):
+#   l2_exec HOST CMD                runs the sh command line CMD in the guest at HOST (port
+#                                   $L2_AGENT_PORT, default 7000; $L2_EXEC_TIMEOUT s at most,
+#                                   default 300), prints its stdout+stderr, returns its status
+#                                   (255: no answer)
+#   l2_wait_serve HOST [SECS]       waits (default 300 s) until the agent at HOST answers
+#   l2_quit HOST                    makes the guest's l2_serve return (its script goes on)
+# Also from /lib/l2-script-lib.sh (sourced here): tcp_recv PORT [SEED], tcp_send HOST PORT
+# SEED LEN (TCP-RECV / TCP-SENT lines), and the l2_* functions (meant for L2).
+# Parsing:
+#   kv KEY WORDS...                 the value of the first word KEY=value (rc 1: none), e.g.
+#                                   kv iops "$(grep 'BLKBENCH mode=randread' log)"
+
+. /lib/l2-script-lib.sh
+
+. /lib/l2-script-lib.sh
+
+L2_KERNEL=/l2/vmlinuz
+L2_INITRD=/l2/initrd.gz
+L2_INITRD_TOOLS=/l2/initrd-tools.gz
+L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4"
+L2_SCRIPT_CMDLINE="$L2_CMDLINE tandem.action=script"
+IPROUTE=/sbin/ip
+TANDEM=${TANDEM:-tandem}
+RUN_TIMEOUT=${RUN_TIMEOUT:-300}
+
+mkscript_disk() {
+  [ $# = 2 ] || { echo "usage: mkscript_disk FILE SCRIPT|-" >&2; return 2; }
+  {
+    echo "# TANDEM-L2-SCRIPT"
+    cat /lib/l2-script-lib.sh
+    echo "# ---- the script ----"
+    if [ "$2" = - ]; then cat; else cat "$2"; fi
+  } > "$1" || return 1
+  _sz=$(wc -c < "$1")
+  truncate -s $(( (_sz + 65535) / 65536 * 65536 )) "$1"
+}
+
+mkdisk() {
+  [ $# -ge 2 ] || { echo "usage: mkdisk FILE SIZE [SEED]" >&2; return 2; }
+  rm -f "$1"
+  if [ -n "${3:-}" ]; then
+    blkbench gen "$3" "$2" > "$1"
+  else
+    truncate -s "$2" "$1"
+  fi
+}
+
+tap_up() {
+  [ $# -ge 2 ] || { echo "usage: tap_up NAME ADDR/PREFIX [multi_queue]" >&2; return 2; }
+  $IPROUTE tuntap add dev "$1" mode tap ${3:+multi_queue} || return 1
+  $IPROUTE addr add "$2" dev "$1" && $IPROUTE link set "$1" up
+}
+
+tap_down() {
+  $IPROUTE link del "$1"
+}
+
+iperf3_server() {
+  iperf3 -s -B "$1" -D -I "/tmp/iperf3-server.$1.pid"
+}
+
+iperf3_server_stop() {  # all of them; iperf3 removes its pid file itself when it ends
+  for _f in /tmp/iperf3-server.*.pid; do
+    [ -f "$_f" ] && kill "$(cat "$_f")" 2>/dev/null
+  done
+  return 0
+}
+
+run_tandem() {
+  _n=$1; shift
+  echo "RUN-BEGIN $_n"
+  timeout -k 10 "$RUN_TIMEOUT" "$TANDEM" "$@" </dev/null
+  _rc=$?
+  echo "RUN-END $_n rc=$_rc"
+  return $_rc
+}
+
+run_bg() {
+  _n=$1; shift
+  rm -f "/tmp/run-$_n.log" "/tmp/run-$_n.rc" "/tmp/run-$_n.pid"
+  # busybox timeout execs CMD in its own process: the pid of the background job is CMD's.
+  ( timeout -k 10 "$RUN_TIMEOUT" "$@" </dev/null > "/tmp/run-$_n.log" 2>&1 &
+    echo $! > "/tmp/run-$_n.pid"
+    wait $!
+    echo $? > "/tmp/run-$_n.rc" ) &
+  echo $! > "/tmp/run-$_n.job"
+  while [ ! -s "/tmp/run-$_n.pid" ]; do sleep 0.05; done
+  echo "RUN-BG $_n pid=$(cat "/tmp/run-$_n.pid")"
+}
+
+run_wait_for() {
+  _n=$1 _re=$2 _t=${3:-120}
+  _end=$(( $(date +%s) + _t ))
+  while :; do
+    grep -qE "$_re" "/tmp/run-$_n.log" 2>/dev/null && return 0
+    if [ -s "/tmp/run-$_n.rc" ]; then
+      grep -qE "$_re" "/tmp/run-$_n.log" 2>/dev/null
+      return
+    fi
+    [ "$(date +%s)" -ge $_end ] && return 1
+    sleep 0.2
+  done
+}
+
+run_signal() {
+  kill -s "${2:-TERM}" "$(cat "/tmp/run-$1.pid")"
+}
+
+run_end() {
+  _n=$1
+  wait "$(cat "/tmp/run-$_n.job")" 2>/dev/null
+  while [ ! -s "/tmp/run-$_n.rc" ]; do sleep 0.2; done
+  _rc=$(cat "/tmp/run-$_n.rc")
+  echo "RUN-BEGIN $_n"
+  cat "/tmp/run-$_n.log"
+  echo "RUN-END $_n rc=$_rc"
+  return "$_rc"
+}
+
+l2_exec() {
+  _h=$1; shift
+  printf '%s\n' "{ $*
+} 2>&1" 'echo "L2-EXEC-RC $?"' \
+    | timeout "${L2_EXEC_TIMEOUT:-300}" nc "$_h" "${L2_AGENT_PORT:-7000}" > "/tmp/l2-exec.$_h.out" 2>/dev/null
+  _rc=$(awk '$1 == "L2-EXEC-RC" { r = $2 } END { print (r == "" ? 255 : r) }' "/tmp/l2-exec.$_h.out")
+  grep -v '^L2-EXEC-RC ' "/tmp/l2-exec.$_h.out"
+  return "$_rc"
+}
+
+l2_wait_serve() {
+  _end=$(( $(date +%s) + ${2:-300} ))
+  until L2_EXEC_TIMEOUT=10 l2_exec "$1" true; do
+    [ "$(date +%s)" -ge $_end ] && return 1
+    sleep 1
+  done
+}
+
+l2_quit() {
+  l2_exec "$1" "touch /tmp/l2-quit"
+}
+
+kv() {
+  _k=$1; shift
+  for _w in $*; do
+    # Lines from a guest console end in \r\n: no \r in the value.
+    case $_w in "$_k"=*) echo "${_w#*=}" | tr -d '\r'; return 0 ;; esac
+  done
+  return 1
+}

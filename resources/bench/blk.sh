@@ -1,0 +1,50 @@
+#!/bin/bash
+# bench/blk.sh [--runs N] [--secs S] — virtio-blk read performance of Tandem against QEMU 7.2
+# (a benchmark, not a test). Inside ONE L1 of the nested bed (resources/bench/blk-l1.sh), two L2
+# guests run at once, one booted by Tandem and one by QEMU 7.2 (1 vCPU, 512 MiB each), each with
+# a readonly virtio-blk disk on the same 256 MiB raw file on L1's tmpfs (and a NIC through which
+# L1 drives it). Each guest runs blkbench (resources/guest/blkbench.c: O_DIRECT in the guest,
+# one request in flight) for S seconds (default 5): 4 KiB random reads (IOPS) and 1 MiB
+# sequential reads (MB/s, 10^6 bytes); after an uncounted warm-up, N rounds (default 6), each
+# measuring both VMMs seconds apart (the one going first alternates). QEMU's side is
+# resources/bench/qemu-as-tandem.sh: -M q35, virtio-blk-pci, -drive format=raw,aio=threads,
+# cache=writeback, i.e. buffered I/O on L1's page cache like Tandem without direct=on. (L1's
+# kernel, 6.1, has no O_DIRECT on tmpfs, so neither VMM could bypass that cache here.)
+# Prints each round, one line per VMM with the medians, then exactly one last line (higher
+# is better for Tandem):
+#   blk_randread_ratio=<tandem / qemu IOPS> blk_seq_ratio=<tandem / qemu MB/s>
+# each ratio being the median over the rounds of Tandem's value / QEMU's value in the round.
+# TANDEM_BIN=PATH uses that binary instead of building the release one
+# (TANDEM_BIN=resources/bench/qemu-as-tandem.sh measures QEMU against itself).
+# About 3 minutes with the defaults on 2 cores.
+set -euo pipefail
+. "$(dirname "$0")/../lib/common.sh"
+. "$RES/bench/common.sh"
+
+bench_args "$@"
+"$RES/build-images.sh" >&2
+bench_tandem
+
+W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-blk.XXXXXX")
+trap 'rm -rf "$W"' EXIT
+"$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$RES/bench/blk-l1.sh:/scenario.sh" \
+  "$RES/bench/qemu-as-tandem.sh:/bin/qemu-as-tandem"
+LOG=$CACHE/bench-blk-l1.log
+say "$RUNS rounds of 2 x $SECS s per VMM, both guests up at once in one L1; L1 log: $LOG"
+rc=0
+"$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) \
+  --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$LOG" || rc=$?
+tr -d '\r' < "$LOG" | grep -E '^BENCH ' > "$W/bench" || true
+tr -d '\r' < "$LOG" | grep -E '^(--- |  \| )' || true
+cat "$W/bench"
+
+ok=1
+for vmm in tandem qemu; do
+  n=$(grep -c "^BENCH vmm=$vmm .* rc=0$" "$W/bench" || true)
+  bad=$(grep "^BENCH vmm=$vmm " "$W/bench" | grep -c -E ' rc=[1-9]|=0 ' || true)
+  [ "$n" -gt 0 ] && [ "$bad" = 0 ] || ok=0
+  printf '%-6s rounds_ok=%s randread_median_iops=%s seq_median_mbps=%s\n' "$vmm" "$n" \
+    "$(bench_median "$W/bench" $vmm randread_iops)" "$(bench_median "$W/bench" $vmm seq_mbps)"
+done
+[ $ok = 1 ] && [ $rc = 0 ] || die "not every run measured both patterns with the VMM exiting 0 (L0 QEMU rc=$rc); see above and $LOG"
+echo "blk_randread_ratio=$(bench_paired_ratio "$W/bench" randread_iops)" "blk_seq_ratio=$(bench_paired_ratio "$W/bench" seq_mbps)"
