@@ -20,6 +20,7 @@
 # TANDEM_BIN=PATH uses that binary instead of building the release one.
 set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
+. "$RES/bench/common.sh"
 
 RUNS=5
 while [ $# -gt 0 ]; do
@@ -31,15 +32,7 @@ done
 case $RUNS in ''|*[!0-9]*|0) die "--runs takes a number > 0" ;; esac
 
 "$RES/build-images.sh" >&2
-cd "$ROOT"
-if [ -n "${TANDEM_BIN:-}" ]; then
-  TANDEM=$(realpath "$TANDEM_BIN")
-else
-  say "cargo build --release -p tandem-vmm"
-  cargo build --release -p tandem-vmm >&2
-  TANDEM=${CARGO_TARGET_DIR:-$ROOT/target}/release/tandem
-fi
-[ -x "$TANDEM" ] || die "no tandem binary at $TANDEM"
+bench_tandem
 
 W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench.XXXXXX")
 trap 'rm -rf "$W"' EXIT

@@ -1,4 +1,4 @@
-# Shared by resources/bench/net.sh and blk.sh (host side, bash). Sourced after lib/common.sh.
+# Shared by resources/bench/boot.sh, net.sh and blk.sh (host side, bash). Sourced after lib/common.sh.
 # shellcheck shell=bash
 
 # bench_args "$@" : --runs N (rounds: in each, every measurement is taken once per VMM, the
