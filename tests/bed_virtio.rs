@@ -9,7 +9,7 @@ use tandem_tests::{kv, repo_root, run_bed, BedLog, BedOptions};
 fn bed() -> &'static BedLog {
     static BED: OnceLock<BedLog> = OnceLock::new();
     BED.get_or_init(|| {
-        let opts = BedOptions { mem_mib: 2048, smp: 2, ..Default::default() };
+        let opts = BedOptions { mem_mib: 2048, smp: 2, timeout_s: 600, ..Default::default() };
         run_bed("virtio", &repo_root().join("tests/scenarios/virtio.sh"), &opts)
     })
 }
@@ -29,7 +29,7 @@ fn guest_sees_the_devices_through_acpi_mmconfig_and_msix() {
     let pci: Vec<&&str> = run.lines.iter().filter(|l| l.starts_with("L2-PCI ")).collect();
     let net = pci.iter().find(|l| l.contains("virtio=virtio_net")).expect("virtio-net in the guest's PCI list");
     let blk = pci.iter().filter(|l| l.contains("virtio=virtio_blk")).count();
-    assert_eq!(blk, 4, "four disks: {pci:?}");
+    assert_eq!(blk, 5, "five disks: {pci:?}");
     assert_eq!(kv(net, "msix"), Some("on"), "{net}");
     assert!(kv(net, "msi_irqs").and_then(|n| n.parse::<u32>().ok()).unwrap_or(0) >= 2, "{net}");
     assert!(kv(net, "bars").is_some_and(|b| b.contains("mem64")), "{net}");
@@ -76,4 +76,17 @@ fn readonly_disk_refuses_guest_writes() {
     let ro = run.lines.iter().find(|l| l.starts_with("L2-BLK") && l.contains("serial=ro")).expect("ro disk listed");
     assert_eq!(kv(ro, "ro"), Some("1"), "{ro}");
     assert_eq!(kv(log_line(bed, "L1-RO BLKBENCH"), "result"), Some("ok"), "the readonly image changed");
+}
+
+#[test]
+fn direct_disk_is_opened_o_direct_and_keeps_guest_writes() {
+    let bed = bed();
+    assert!(!bed.text.contains("L1-LOSETUP-FAILED"), "L1 could not make a loop device:\n{}", bed.tail(60));
+    let fd = log_line(bed, "L1-DIRECT-FD");
+    // fdinfo prints the open flags in octal; O_DIRECT is 0o40000 on x86.
+    let flags = kv(fd, "flags").and_then(|f| u32::from_str_radix(f, 8).ok()).unwrap_or_else(|| panic!("{fd}"));
+    assert_ne!(flags & libc::O_DIRECT as u32, 0, "direct=on did not open the disk O_DIRECT: {fd}");
+    bed.run("virtio").line("L2-DIRECT-WRITTEN");
+    let l1_read = log_line(bed, "L1-DIRECT BLKBENCH");
+    assert_eq!((kv(l1_read, "result"), kv(l1_read, "seed")), (Some("ok"), Some("13")), "{l1_read}");
 }

@@ -25,7 +25,8 @@ set -euo pipefail
 # igb, igbvf: the emulated SR-IOV NIC (run-l1.sh --igb) and its VFs.
 # tun, bridge: tap devices and a bridge for the L2's network.
 # pvpanic_mmio: lets L0's QEMU see an L1 kernel panic and exit with an error.
-L1_MODULES=${L1_MODULES-"kvm_amd vfio_pci vfio_iommu_type1 igb igbvf tun bridge pvpanic_mmio"}
+# loop: a block device over a file, for disks opened with O_DIRECT (tmpfs refuses it).
+L1_MODULES=${L1_MODULES-"kvm_amd vfio_pci vfio_iommu_type1 igb igbvf tun bridge pvpanic_mmio loop"}
 
 QEMU72=/usr/bin/qemu-system-x86_64
 IPERF=/usr/bin/iperf3

@@ -8,6 +8,8 @@
 #   L1-INIT-OK nproc=<n> mem_kb=<MemTotal>
 #   L1-NO-SCENARIO                no /scenario.sh (it comes from the overlay archive)
 #   L1-SCENARIO-EXIT rc=<rc>      /scenario.sh ran and exited with rc
+#   L1-SCENARIO-TIMEOUT after=<s> tandem.scenario_timeout=<s> ran out; L1-STUCK-* lines follow
+#                                 (processes, tandem/QEMU threads' kernel stacks, run logs)
 # Then L1 powers off, which ends L0's QEMU.
 #
 # The scenario finds: /bin/tandem (from the overlay), /l2/vmlinuz, /l2/initrd.gz,
@@ -39,10 +41,37 @@ while read -r key val _; do
 done < /proc/meminfo
 echo "L1-INIT-OK nproc=$(nproc) mem_kb=$mem"
 
+# A scenario that hangs would otherwise run into L0's timeout and leave no trace of why:
+# tandem.scenario_timeout=SEC has a watchdog report what is stuck, then power off.
+stuck_report() {
+  echo "L1-SCENARIO-TIMEOUT after=${1}s"
+  ps -o pid,stat,args 2>/dev/null | grep -v ' \[' | sed 's/^/L1-STUCK-PS /'
+  for p in $(pidof tandem qemu-system-x86_64); do
+    for t in /proc/$p/task/*; do
+      echo "L1-STUCK-TASK pid=$p tid=${t##*/} state=$(awk '{print $3}' "$t/stat") wchan=$(cat "$t/wchan")"
+      sed "s/^/L1-STUCK-STACK ${t##*/} /" "$t/stack" 2>/dev/null
+    done
+  done
+  for f in /tmp/run-*.log; do
+    [ -f "$f" ] && tail -n 40 "$f" | sed "s|^|L1-STUCK-LOG ${f#/tmp/} |"
+  done
+}
+scenario_timeout=""
+for a in $(cat /proc/cmdline); do
+  case $a in tandem.scenario_timeout=*) scenario_timeout=${a#*=} ;; esac
+done
+
 if [ -f /scenario.sh ]; then
   cd /root || true
-  sh /scenario.sh
+  sh /scenario.sh &
+  scenario=$!
+  if [ -n "$scenario_timeout" ]; then
+    ( sleep "$scenario_timeout"; stuck_report "$scenario_timeout"; sync; poweroff -f ) &
+    watchdog=$!
+  fi
+  wait $scenario
   echo "L1-SCENARIO-EXIT rc=$?"
+  [ -z "${watchdog:-}" ] || kill "$watchdog" 2>/dev/null
 else
   echo "L1-NO-SCENARIO"
 fi

@@ -57,8 +57,6 @@
 
 . /lib/l2-script-lib.sh
 
-. /lib/l2-script-lib.sh
-
 L2_KERNEL=/l2/vmlinuz
 L2_INITRD=/l2/initrd.gz
 L2_INITRD_TOOLS=/l2/initrd-tools.gz

@@ -18,20 +18,13 @@
 # measured for both VMMs, the VMM going first alternating from round to round.
 # Output: one line per round and VMM, printed at the end (rc is the VMM's exit status):
 #   BENCH vmm=<tandem|qemu> run=<i> randread_iops=<n> seq_mbps=<x> rc=<n>
-# Settings from L1's command line: tandem.bench_runs=<n> (6), tandem.bench_secs=<s> (5).
+# Settings from L1's command line: see resources/bench/l1-lib.sh.
 . /lib/bed.sh
-runs=6 secs=5
-for a in $(cat /proc/cmdline); do
-  case $a in
-    tandem.bench_runs=*) runs=${a#*=} ;;
-    tandem.bench_secs=*) secs=${a#*=} ;;
-  esac
-done
-RUN_TIMEOUT=$((runs * 60 + 600))
+. /lib/bench-l1.sh
+bench_settings
 fail=0
 mkdisk /tmp/blk.img 256M 1 || exit 1
 
-addr() { [ "$1" = tandem ] && echo 10.77.0 || echo 10.78.0; }
 for vmm in tandem qemu; do
   n=$(addr $vmm)
   tap=tapt; [ $vmm = qemu ] && tap=tapq
@@ -65,38 +58,13 @@ measure() {
   echo "$_v"
 }
 
-: > /tmp/bench.lines
 if [ $fail = 0 ]; then
   for vmm in tandem qemu; do   # warm-up, not counted
     l2_exec "$(addr $vmm).2" "blkbench randread -t 1 /dev/bench >/dev/null; blkbench seqread -t 1 /dev/bench >/dev/null"
   done
-  i=1
-  while [ "$i" -le "$runs" ]; do
-    if [ $((i % 2)) = 1 ]; then order="tandem qemu"; else order="qemu tandem"; fi
-    for mode in randread seqread; do
-      for vmm in $order; do
-        eval "${vmm}_$mode=$(measure $vmm $mode)"
-      done
-    done
-    for vmm in tandem qemu; do
-      eval "echo \"vmm=$vmm run=$i randread_iops=\$${vmm}_randread seq_mbps=\$${vmm}_seqread\"" >> /tmp/bench.lines
-    done
-    i=$((i + 1))
-  done
+  bench_rounds randread=randread_iops seqread=seq_mbps
 fi
-for vmm in tandem qemu; do
-  l2_quit "$(addr $vmm).2" >/dev/null || { fail=1; run_signal $vmm TERM; }
-done
-for vmm in tandem qemu; do
-  run_end $vmm > /tmp/end.$vmm
-  rc=$?
-  grep "vmm=$vmm " /tmp/bench.lines | while read -r l; do echo "BENCH $l rc=$rc"; done
-  if [ $rc != 0 ] || grep "vmm=$vmm " /tmp/bench.lines | grep -qE '=0( |$)' \
-     || ! grep -q 'TANDEM-L2-SCRIPT-EXIT rc=0' /tmp/end.$vmm; then
-    fail=1
-    echo "--- $vmm, its output:"; tr -d '\r' < /tmp/end.$vmm | sed 's/^/  | /' | tail -n 30
-  fi
-done
+bench_end || fail=1
 tap_down tapt
 tap_down tapq
 exit $fail

@@ -25,26 +25,5 @@ bench_args "$@"
 "$RES/build-images.sh" >&2
 bench_tandem
 
-W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-blk.XXXXXX")
-trap 'rm -rf "$W"' EXIT
-"$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$RES/bench/blk-l1.sh:/scenario.sh" \
-  "$RES/bench/qemu-as-tandem.sh:/bin/qemu-as-tandem"
-LOG=$CACHE/bench-blk-l1.log
-say "$RUNS rounds of 2 x $SECS s per VMM, both guests up at once in one L1; L1 log: $LOG"
-rc=0
-"$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) \
-  --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$LOG" || rc=$?
-tr -d '\r' < "$LOG" | grep -E '^BENCH ' > "$W/bench" || true
-tr -d '\r' < "$LOG" | grep -E '^(--- |  \| )' || true
-cat "$W/bench"
-
-ok=1
-for vmm in tandem qemu; do
-  n=$(grep -c "^BENCH vmm=$vmm .* rc=0$" "$W/bench" || true)
-  bad=$(grep "^BENCH vmm=$vmm " "$W/bench" | grep -c -E ' rc=[1-9]|=0 ' || true)
-  [ "$n" -gt 0 ] && [ "$bad" = 0 ] || ok=0
-  printf '%-6s rounds_ok=%s randread_median_iops=%s seq_median_mbps=%s\n' "$vmm" "$n" \
-    "$(bench_median "$W/bench" $vmm randread_iops)" "$(bench_median "$W/bench" $vmm seq_mbps)"
-done
-[ $ok = 1 ] && [ $rc = 0 ] || die "not every run measured both patterns with the VMM exiting 0 (L0 QEMU rc=$rc); see above and $LOG"
-echo "blk_randread_ratio=$(bench_paired_ratio "$W/bench" randread_iops)" "blk_seq_ratio=$(bench_paired_ratio "$W/bench" seq_mbps)"
+bench_in_l1 blk "$RES/bench/blk-l1.sh" "2 x $SECS s" randread_iops seq_mbps
+echo "blk_randread_ratio=$(bench_paired_ratio "$BENCH_LINES" randread_iops)" "blk_seq_ratio=$(bench_paired_ratio "$BENCH_LINES" seq_mbps)"

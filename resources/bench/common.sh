@@ -72,3 +72,33 @@ bench_median_stdin() {
   bench_median "$f" "$1" "$2"
   rm -f "$f"
 }
+
+# bench_in_l1 NAME L1_SCRIPT WHAT KEY_A KEY_B : runs L1_SCRIPT (which prints "BENCH vmm=..."
+# lines, see l1-lib.sh) as the scenario of one L1 with the release tandem ($TANDEM) and
+# qemu-as-tandem, RUNS rounds of SECS; prints the BENCH lines and each VMM's medians of KEY_A
+# and KEY_B, and dies unless every round measured both with the VMM exiting 0. WHAT names a
+# round for the log ("2 x 5 s"). The BENCH lines stay in $BENCH_LINES for bench_paired_ratio.
+bench_in_l1() {
+  local name=$1 script=$2 what=$3 ka=$4 kb=$5 log rc=0 ok=1 vmm n bad
+  W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-$name.XXXXXX")
+  trap 'rm -rf "$W"' EXIT
+  "$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$script:/scenario.sh" \
+    "$RES/bench/qemu-as-tandem.sh:/bin/qemu-as-tandem" "$RES/bench/l1-lib.sh:/lib/bench-l1.sh"
+  log=$CACHE/bench-$name-l1.log
+  say "$RUNS rounds of $what per VMM, both guests up at once in one L1; L1 log: $log"
+  "$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) \
+    --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$log" || rc=$?
+  BENCH_LINES=$W/bench
+  tr -d '\r' < "$log" | grep -E '^BENCH ' > "$BENCH_LINES" || true
+  tr -d '\r' < "$log" | grep -E '^(--- |  \| )' || true
+  cat "$BENCH_LINES"
+  for vmm in tandem qemu; do
+    n=$(grep -c "^BENCH vmm=$vmm .* rc=0$" "$BENCH_LINES" || true)
+    bad=$(grep "^BENCH vmm=$vmm " "$BENCH_LINES" | grep -c -E ' rc=[1-9]|=0 ' || true)
+    [ "$n" -gt 0 ] && [ "$bad" = 0 ] || ok=0
+    printf '%-6s rounds_ok=%s %s_median=%s %s_median=%s\n' "$vmm" "$n" \
+      "$ka" "$(bench_median "$BENCH_LINES" $vmm "$ka")" "$kb" "$(bench_median "$BENCH_LINES" $vmm "$kb")"
+  done
+  [ $ok = 1 ] && [ $rc = 0 ] \
+    || die "not every round measured $ka and $kb with the VMM exiting 0 (L0 QEMU rc=$rc); see above and $log"
+}

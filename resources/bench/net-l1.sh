@@ -17,19 +17,12 @@
 # measured for both VMMs, the VMM going first alternating from round to round.
 # Output: one line per round and VMM, printed at the end (rc is the VMM's exit status):
 #   BENCH vmm=<tandem|qemu> run=<i> tx_mbps=<x> rx_mbps=<x> rc=<n>
-# Settings from L1's command line: tandem.bench_runs=<n> (6), tandem.bench_secs=<s> (5).
+# Settings from L1's command line: see resources/bench/l1-lib.sh.
 . /lib/bed.sh
-runs=6 secs=5
-for a in $(cat /proc/cmdline); do
-  case $a in
-    tandem.bench_runs=*) runs=${a#*=} ;;
-    tandem.bench_secs=*) secs=${a#*=} ;;
-  esac
-done
-RUN_TIMEOUT=$((runs * 60 + 600))
+. /lib/bench-l1.sh
+bench_settings
 fail=0
 
-addr() { [ "$1" = tandem ] && echo 10.77.0 || echo 10.78.0; }
 for vmm in tandem qemu; do
   n=$(addr $vmm)
   tap=tapt; [ $vmm = qemu ] && tap=tapq
@@ -60,38 +53,13 @@ measure() {
   echo "$_m"
 }
 
-: > /tmp/bench.lines
 if [ $fail = 0 ]; then
   for vmm in tandem qemu; do   # warm-up, not counted
     l2_exec "$(addr $vmm).2" "iperf3 -c $(addr $vmm).1 -t 2 -i 0 >/dev/null; iperf3 -c $(addr $vmm).1 -t 2 -i 0 -R >/dev/null"
   done
-  i=1
-  while [ "$i" -le "$runs" ]; do
-    if [ $((i % 2)) = 1 ]; then order="tandem qemu"; else order="qemu tandem"; fi
-    for dir in tx rx; do
-      for vmm in $order; do
-        eval "${vmm}_$dir=$(measure $vmm $dir)"
-      done
-    done
-    for vmm in tandem qemu; do
-      eval "echo \"vmm=$vmm run=$i tx_mbps=\$${vmm}_tx rx_mbps=\$${vmm}_rx\"" >> /tmp/bench.lines
-    done
-    i=$((i + 1))
-  done
+  bench_rounds tx=tx_mbps rx=rx_mbps
 fi
-for vmm in tandem qemu; do
-  l2_quit "$(addr $vmm).2" >/dev/null || { fail=1; run_signal $vmm TERM; }
-done
-for vmm in tandem qemu; do
-  run_end $vmm > /tmp/end.$vmm
-  rc=$?
-  grep "vmm=$vmm " /tmp/bench.lines | while read -r l; do echo "BENCH $l rc=$rc"; done
-  if [ $rc != 0 ] || grep "vmm=$vmm " /tmp/bench.lines | grep -qE '_mbps=0( |$)' \
-     || ! grep -q 'TANDEM-L2-SCRIPT-EXIT rc=0' /tmp/end.$vmm; then
-    fail=1
-    echo "--- $vmm, its output:"; tr -d '\r' < /tmp/end.$vmm | sed 's/^/  | /' | tail -n 30
-  fi
-done
+bench_end || fail=1
 iperf3_server_stop
 tap_down tapt
 tap_down tapq

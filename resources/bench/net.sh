@@ -24,26 +24,5 @@ bench_args "$@"
 "$RES/build-images.sh" >&2
 bench_tandem
 
-W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-net.XXXXXX")
-trap 'rm -rf "$W"' EXIT
-"$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$RES/bench/net-l1.sh:/scenario.sh" \
-  "$RES/bench/qemu-as-tandem.sh:/bin/qemu-as-tandem"
-LOG=$CACHE/bench-net-l1.log
-say "$RUNS rounds of $((SECS + 1)) s each way per VMM, both guests up at once in one L1; L1 log: $LOG"
-rc=0
-"$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) \
-  --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$LOG" || rc=$?
-tr -d '\r' < "$LOG" | grep -E '^BENCH ' > "$W/bench" || true
-tr -d '\r' < "$LOG" | grep -E '^(--- |  \| )' || true
-cat "$W/bench"
-
-ok=1
-for vmm in tandem qemu; do
-  n=$(grep -c "^BENCH vmm=$vmm .* rc=0$" "$W/bench" || true)
-  bad=$(grep "^BENCH vmm=$vmm " "$W/bench" | grep -c -E ' rc=[1-9]|_mbps=0 ' || true)
-  [ "$n" -gt 0 ] && [ "$bad" = 0 ] || ok=0
-  printf '%-6s rounds_ok=%s tx_median_mbps=%s rx_median_mbps=%s\n' "$vmm" "$n" \
-    "$(bench_median "$W/bench" $vmm tx_mbps)" "$(bench_median "$W/bench" $vmm rx_mbps)"
-done
-[ $ok = 1 ] && [ $rc = 0 ] || die "not every run measured both directions with the VMM exiting 0 (L0 QEMU rc=$rc); see above and $LOG"
-echo "net_tx_ratio=$(bench_paired_ratio "$W/bench" tx_mbps)" "net_rx_ratio=$(bench_paired_ratio "$W/bench" rx_mbps)"
+bench_in_l1 net "$RES/bench/net-l1.sh" "$((SECS + 1)) s each way" tx_mbps rx_mbps
+echo "net_tx_ratio=$(bench_paired_ratio "$BENCH_LINES" tx_mbps)" "net_rx_ratio=$(bench_paired_ratio "$BENCH_LINES" rx_mbps)"

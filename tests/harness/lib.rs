@@ -77,6 +77,8 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     let mut cmd = Command::new(root.join("resources/bed/run-l1.sh"));
     cmd.args(["--mem", &opts.mem_mib.to_string(), "--smp", &opts.smp.to_string()]);
     cmd.args(["--timeout", &opts.timeout_s.to_string()]);
+    // L1's own watchdog fires first, so a hung scenario still reports what was stuck.
+    cmd.args(["--append", &format!("tandem.scenario_timeout={}", opts.timeout_s.saturating_sub(45).max(30))]);
     if opts.iommu {
         cmd.arg("--iommu");
     }
@@ -88,6 +90,7 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     let bed = BedLog { text, path: log };
     assert!(status.success(), "the L1 bed exited with {status}; log {}:\n{}", bed.path.display(), bed.tail(60));
     assert!(bed.text.contains("L1-INIT-OK"), "L1 never reached its init; log:\n{}", bed.tail(60));
+    assert!(!bed.text.contains("L1-SCENARIO-TIMEOUT"), "the scenario hung; log {}:\n{}", bed.path.display(), bed.tail(200));
     bed
 }
 

@@ -2,6 +2,7 @@
 //! message that names the problem, never a panic. Runs on the host (needs /dev/kvm
 //! for the cases that get as far as creating the VM).
 
+use std::os::unix::process::CommandExt;
 use std::process::{Command, Output};
 
 fn tandem(args: &[&str]) -> Output {
@@ -139,6 +140,31 @@ fn tap_name_too_long() {
         &["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--net", "tap=this-name-is-far-too-long"],
         &["this-name-is-far-too-long", "15"],
     );
+}
+
+#[test]
+fn tap_without_permission() {
+    need_kvm();
+    let kernel = kernel_image();
+    // Root without CAP_NET_ADMIN: what a user who is not allowed to create taps runs into.
+    const CAP_NET_ADMIN: libc::c_ulong = 12;
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+    cmd.args(["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--net", "tap=tndm-noperm0"]);
+    // SAFETY: prctl is async-signal-safe and touches only the child's capability bounding set.
+    unsafe {
+        cmd.pre_exec(|| match libc::prctl(libc::PR_CAPBSET_DROP, CAP_NET_ADMIN, 0, 0, 0) {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        });
+    }
+    let out = cmd.output().expect("run tandem without CAP_NET_ADMIN (needs root to drop it)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "tandem created a tap without CAP_NET_ADMIN; stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in ["creating tap tndm-noperm0", "CAP_NET_ADMIN"] {
+        assert!(stderr.contains(e), "expected {e:?} in stderr: {stderr}");
+    }
+    assert!(!std::path::Path::new("/sys/class/net/tndm-noperm0").exists(), "the tap was left behind");
 }
 
 #[test]

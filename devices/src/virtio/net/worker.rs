@@ -87,11 +87,15 @@ impl QueueSlot {
 
     /// Raises the queue's interrupt unless the driver asked not to be told (EVENT_IDX).
     fn signal(&mut self, mem: &GuestMemory, interrupt: &dyn VirtioInterrupt, label: &str) {
-        // If used_event cannot be read, err on the side of an interrupt too many.
-        if self.queue.needs_notification(mem).unwrap_or(true) {
-            if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(self.index)) {
-                eprintln!("tandem: virtio-net {label}: cannot raise the interrupt of queue {}: {e}", self.index);
-            }
+        signal_queue(&mut self.queue, self.index, mem, interrupt, label);
+    }
+}
+
+fn signal_queue(queue: &mut Queue, index: u16, mem: &GuestMemory, interrupt: &dyn VirtioInterrupt, label: &str) {
+    // If used_event cannot be read, err on the side of an interrupt too many.
+    if queue.needs_notification(mem).unwrap_or(true) {
+        if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
+            eprintln!("tandem: virtio-net {label}: cannot raise the interrupt of queue {index}: {e}");
         }
     }
 }
@@ -225,7 +229,9 @@ impl NetWorker {
         // Also for a pair the driver no longer uses (or whose tap failed): its detached
         // tap queue refuses the frames, which are then dropped and counted rather than
         // left to stall the driver.
-        let out = process_tx(mem, &mut tx.queue, pair.backend.as_fd(), counters, TX_BUDGET, label);
+        let index = tx.index;
+        let mut signal = |queue: &mut Queue| signal_queue(queue, index, mem, interrupt.as_ref(), label);
+        let out = process_tx(mem, &mut tx.queue, pair.backend.as_fd(), counters, TX_BUDGET, label, &mut signal);
         match out.stop {
             TxStop::Drained => {}
             TxStop::TapFull => pair.tx_blocked = true,
@@ -238,9 +244,6 @@ impl NetWorker {
                 }
             }
             TxStop::Broken(e) => tx.mark_broken(label, e),
-        }
-        if out.completed > 0 {
-            tx.signal(mem, interrupt.as_ref(), label);
         }
     }
 
