@@ -7,6 +7,7 @@ use devices::BusDevice;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::config::{BarChange, BarSpec, ConfigError};
+use crate::vfio::HostMapping;
 
 /// An eventfd KVM should signal on any guest write (of any width) at `offset` inside
 /// BAR `bar`, wherever that BAR is decoded (see [`PciDevice::ioeventfds`]).
@@ -14,6 +15,17 @@ pub struct BarIoEvent<'a> {
     pub bar: u8,
     pub offset: u64,
     pub eventfd: &'a EventFd,
+}
+
+/// Part of a BAR backed by host memory (a passthrough device's registers, mmapped):
+/// the VMM maps `mapping` into the guest as a memory slot at the BAR's decoded address
+/// plus `offset`, so accesses there never exit. `offset` and the mapping's length are
+/// page multiples. The VMM keeps this `Arc` while the slot exists, and moves the slot
+/// on every [`BarChange`] of the BAR (none while the BAR is not decoded).
+#[derive(Debug, Clone)]
+pub struct MmapArea {
+    pub offset: u64,
+    pub mapping: Arc<HostMapping>,
 }
 
 /// One PCI function. All offsets and data come from the guest: implementations must
@@ -48,6 +60,14 @@ pub trait PciDevice: Send {
     /// handles the same write arriving as an exit too (before the VMM registered the
     /// ioeventfd, or after a move). Empty for most devices.
     fn ioeventfds(&self) -> Vec<BarIoEvent<'_>> {
+        Vec::new()
+    }
+
+    /// The parts of BAR `bar` the VMM should map straight into the guest, wherever
+    /// the BAR is decoded; accesses to the rest still arrive through `read_bar` and
+    /// `write_bar`. Empty for emulated devices.
+    fn mmap_areas(&self, bar: u8) -> Vec<MmapArea> {
+        let _ = bar;
         Vec::new()
     }
 

@@ -165,9 +165,16 @@ pub(crate) mod testing {
     #[derive(Default)]
     pub struct RecordingVectors {
         calls: Mutex<Vec<Call>>,
+        notifiers: Vec<EventFd>,
     }
 
     impl RecordingVectors {
+        /// With an eventfd per vector, for devices that hand them on (VFIO).
+        pub fn with_notifiers(count: u16) -> Self {
+            let notifiers = (0..count).map(|_| EventFd::new(libc::EFD_NONBLOCK).unwrap()).collect();
+            Self { calls: Mutex::default(), notifiers }
+        }
+
         /// The calls since the last `take`.
         pub fn take(&self) -> Vec<Call> {
             std::mem::take(&mut *self.calls.lock().unwrap())
@@ -195,8 +202,8 @@ pub(crate) mod testing {
             self.push(Call::Trigger(vector));
             Ok(())
         }
-        fn notifier(&self, _vector: u16) -> Option<&EventFd> {
-            None
+        fn notifier(&self, vector: u16) -> Option<&EventFd> {
+            self.notifiers.get(usize::from(vector))
         }
     }
 }

@@ -16,10 +16,12 @@ pub const MSI_CAPABILITY_ID: u8 = 0x05;
 pub const MSI_CAPABILITY_LEN: usize = 24;
 /// Offsets of the registers from the start of the capability.
 pub const MSI_CONTROL_OFFSET: usize = 2;
-const ADDRESS_LO_OFFSET: usize = 4;
-const ADDRESS_HI_OFFSET: usize = 8;
-const DATA_OFFSET: usize = 12;
-const MASK_OFFSET: usize = 16;
+/// The layout `Msi::update` takes (64-bit address, per-vector masking); VFIO
+/// passthrough translates a device's shorter layouts into it.
+pub const MSI_ADDRESS_LO_OFFSET: usize = 4;
+pub const MSI_ADDRESS_HI_OFFSET: usize = 8;
+pub const MSI_DATA_OFFSET: usize = 12;
+pub const MSI_MASK_OFFSET: usize = 16;
 pub const MSI_PENDING_OFFSET: usize = 20;
 /// MSI allows 1, 2, 4, 8, 16 or 32 vectors.
 pub const MAX_MSI_VECTORS: u16 = 32;
@@ -60,10 +62,10 @@ pub fn capability_body(vectors: u16) -> Result<([u8; 22], [u8; 22]), MsiError> {
     writable[at(MSI_CONTROL_OFFSET)..][..2].copy_from_slice(&writable_control.to_le_bytes());
     // Bits 1:0 of the address are reserved (DWORD aligned); bits 31:16 of the data
     // are the extended message data, which this capability does not offer.
-    writable[at(ADDRESS_LO_OFFSET)..][..4].copy_from_slice(&0xffff_fffcu32.to_le_bytes());
-    writable[at(ADDRESS_HI_OFFSET)..][..4].copy_from_slice(&u32::MAX.to_le_bytes());
-    writable[at(DATA_OFFSET)..][..2].copy_from_slice(&0xffffu16.to_le_bytes());
-    writable[at(MASK_OFFSET)..][..4].copy_from_slice(&mask_bits.to_le_bytes());
+    writable[at(MSI_ADDRESS_LO_OFFSET)..][..4].copy_from_slice(&0xffff_fffcu32.to_le_bytes());
+    writable[at(MSI_ADDRESS_HI_OFFSET)..][..4].copy_from_slice(&u32::MAX.to_le_bytes());
+    writable[at(MSI_DATA_OFFSET)..][..2].copy_from_slice(&0xffffu16.to_le_bytes());
+    writable[at(MSI_MASK_OFFSET)..][..4].copy_from_slice(&mask_bits.to_le_bytes());
     Ok((body, writable))
 }
 
@@ -126,9 +128,9 @@ impl Msi {
             let log2 = (control >> CONTROL_ENABLED_SHIFT) & CONTROL_COUNT_MASK;
             (1u16 << log2.min(5)).min(self.capable)
         };
-        let addr = u64::from(u32_at(cap, ADDRESS_HI_OFFSET)) << 32 | u64::from(u32_at(cap, ADDRESS_LO_OFFSET));
-        self.base = MsiMessage { addr, data: u32::from(u16_at(cap, DATA_OFFSET)) };
-        self.mask = u32_at(cap, MASK_OFFSET);
+        let addr = u64::from(u32_at(cap, MSI_ADDRESS_HI_OFFSET)) << 32 | u64::from(u32_at(cap, MSI_ADDRESS_LO_OFFSET));
+        self.base = MsiMessage { addr, data: u32::from(u16_at(cap, MSI_DATA_OFFSET)) };
+        self.mask = u32_at(cap, MSI_MASK_OFFSET);
         for vector in 0..self.capable {
             self.sync_vector(vector);
         }
@@ -237,9 +239,9 @@ mod tests {
         }
 
         fn program(&mut self, addr: u64, data: u16) {
-            self.write(ADDRESS_LO_OFFSET, &(addr as u32).to_le_bytes());
-            self.write(ADDRESS_HI_OFFSET, &((addr >> 32) as u32).to_le_bytes());
-            self.write(DATA_OFFSET, &data.to_le_bytes());
+            self.write(MSI_ADDRESS_LO_OFFSET, &(addr as u32).to_le_bytes());
+            self.write(MSI_ADDRESS_HI_OFFSET, &((addr >> 32) as u32).to_le_bytes());
+            self.write(MSI_DATA_OFFSET, &data.to_le_bytes());
         }
     }
 
@@ -295,7 +297,7 @@ mod tests {
     fn masked_vector_pends_until_unmasked() {
         let mut f = Function::new(2);
         f.program(0xfee0_0000, 0x30);
-        f.write(MASK_OFFSET, &0b10u32.to_le_bytes());
+        f.write(MSI_MASK_OFFSET, &0b10u32.to_le_bytes());
         f.write(MSI_CONTROL_OFFSET, &(CONTROL_ENABLE | 1 << CONTROL_ENABLED_SHIFT).to_le_bytes());
         assert_eq!(f.v.take(), vec![Enable(0, msg(0xfee0_0000, 0x30))]);
         f.msi.trigger(1).unwrap();
@@ -304,8 +306,8 @@ mod tests {
         assert_eq!(f.v.take(), vec![Trigger(0)]);
         // Guest writes to the pending bits do nothing; mask bits beyond the count neither.
         f.write(MSI_PENDING_OFFSET, &0u32.to_le_bytes());
-        f.write(MASK_OFFSET, &0xffff_fffdu32.to_le_bytes());
-        assert_eq!(f.read_u32(MASK_OFFSET), 0b01);
+        f.write(MSI_MASK_OFFSET, &0xffff_fffdu32.to_le_bytes());
+        assert_eq!(f.read_u32(MSI_MASK_OFFSET), 0b01);
         assert_eq!(f.read_u32(MSI_PENDING_OFFSET), 0);
         assert_eq!(f.v.take(), vec![Mask(0), Enable(1, msg(0xfee0_0000, 0x31)), Trigger(1)]);
     }

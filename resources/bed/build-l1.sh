@@ -26,7 +26,8 @@ set -euo pipefail
 # tun, bridge: tap devices and a bridge for the L2's network.
 # pvpanic_mmio: lets L0's QEMU see an L1 kernel panic and exit with an error.
 # loop: a block device over a file, for disks opened with O_DIRECT (tmpfs refuses it).
-L1_MODULES=${L1_MODULES-"kvm_amd vfio_pci vfio_iommu_type1 igb igbvf tun bridge pvpanic_mmio loop"}
+# e1000e: binds the two e1000e functions of run-l1.sh --igb that share an IOMMU group.
+L1_MODULES=${L1_MODULES-"kvm_amd vfio_pci vfio_iommu_type1 igb igbvf tun bridge pvpanic_mmio loop e1000e"}
 
 QEMU72=/usr/bin/qemu-system-x86_64
 IPERF=/usr/bin/iperf3

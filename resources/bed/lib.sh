@@ -29,6 +29,11 @@
 #   iperf3_server ADDR              an iperf3 server in L1, bound to ADDR, in the background
 #                                   (one per address)
 #   iperf3_server_stop              stops all of them
+# SR-IOV (run-l1.sh --iommu --igb):
+#   igb_pf_up ADDR/PREFIX           brings the igb PF (8086:10c9) up with ADDR, waits (10 s at
+#                                   most) for its carrier, prints its interface name
+#   vf_state PF INDEX               one line: VF INDEX's bdf= driver= mac= (iproute2's view from
+#                                   the PF) and the PF's numvfs=; bdf=- when there is no such VF
 # Runs (each bracketed "RUN-BEGIN <name>" ... "RUN-END <name> rc=<status>" for the harness):
 #   run_tandem NAME ARGS...         $TANDEM ARGS in the foreground (stdin /dev/null), its
 #                                   output inline; returns its status (124/137: timed out)
@@ -107,6 +112,34 @@ iperf3_server_stop() {  # all of them; iperf3 removes its pid file itself when i
     [ -f "$_f" ] && kill "$(cat "$_f")" 2>/dev/null
   done
   return 0
+}
+
+igb_pf_up() {
+  for _d in /sys/bus/pci/devices/*; do
+    [ "$(cat "$_d/vendor"):$(cat "$_d/device")" = 0x8086:0x10c9 ] || continue
+    _pf=$(ls "$_d/net" 2>/dev/null | head -n 1)
+    [ -n "$_pf" ] || continue
+    $IPROUTE addr add "$1" dev "$_pf" && $IPROUTE link set "$_pf" up || return 1
+    _i=0
+    until grep -q 1 "/sys/class/net/$_pf/carrier" 2>/dev/null || [ $_i -ge 50 ]; do
+      sleep 0.2; _i=$((_i + 1))
+    done
+    echo "$_pf"
+    return 0
+  done
+  echo "igb_pf_up: no igb PF (run-l1.sh --iommu --igb)" >&2
+  return 1
+}
+
+vf_state() {
+  _pfd=/sys/class/net/$1/device
+  _vf=-; _drv=-
+  if [ -e "$_pfd/virtfn$2" ]; then
+    _vf=$(basename "$(readlink "$_pfd/virtfn$2")")
+    [ -e "$_pfd/virtfn$2/driver" ] && _drv=$(basename "$(readlink "$_pfd/virtfn$2/driver")")
+  fi
+  _mac=$($IPROUTE link show "$1" | awk -v vf="$2" '$1 == "vf" && $2 == vf { print $4 }' | tr -d ,)
+  echo "bdf=$_vf driver=$_drv mac=${_mac:--} numvfs=$(cat "$_pfd/sriov_numvfs")"
 }
 
 run_tandem() {

@@ -11,8 +11,9 @@
 #
 # Understood (as Tandem parses them): --kernel PATH, --initramfs PATH, --cmdline STR,
 # --cpus N, --memory SIZE, --serial stdio|off|file=PATH,
-# --net tap=NAME[,mac=MAC][,id=ID][,queues=N], --disk path=PATH[,readonly=on][,direct=on][,id=ID]
-# (--flag VALUE or --flag=VALUE; --net/--disk repeatable, in order).
+# --net tap=NAME[,mac=MAC][,id=ID][,queues=N], --disk path=PATH[,readonly=on][,direct=on][,id=ID],
+# --device path=/sys/bus/pci/devices/BDF[,id=ID] (--flag VALUE or --flag=VALUE; --net/--disk/
+# --device repeatable, in order).
 #
 # The QEMU configuration (the comparison point of the benchmarks):
 #   -M q35 -accel kvm -cpu host, -nodefaults, no firmware besides SeaBIOS' -kernel boot.
@@ -25,6 +26,8 @@
 #             Buffered I/O through L1's page cache, like Tandem without direct=on; QEMU's
 #             default thread-pool AIO; the virtio serial (what the guest sees in
 #             /sys/block/vdX/serial) is the disk's id.
+#   --device -> -device vfio-pci,host=BDF,romfile=  QEMU leaves binding to the caller: the
+#             device must already be on vfio-pci (Tandem binds it itself).
 # Environment: QEMU_AS_TANDEM_MACHINE (default q35) replaces the -M value;
 # QEMU_AS_TANDEM_VERBOSE=1 prints the QEMU command line on stderr.
 set -u
@@ -76,6 +79,16 @@ virtio-blk-pci,drive=drv$ndisk,id=$id,serial=$id"
   ndisk=$((ndisk + 1))
 }
 
+add_device() {
+  path=$(get path "$1") id=$(get id "$1")
+  [ -n "$path" ] || die "--device $1: path=/sys/bus/pci/devices/BDF is required"
+  dv="vfio-pci,host=${path##*/},romfile="
+  [ -n "$id" ] && dv="$dv,id=$id"
+  devs="$devs
+-device
+$dv"
+}
+
 while [ $# -gt 0 ]; do
   case $1 in
     --*=*) opt=${1%%=*} val=${1#*=}; shift ;;
@@ -91,6 +104,7 @@ while [ $# -gt 0 ]; do
     --serial) serial=$val ;;
     --net) add_net "$val" ;;
     --disk) add_disk "$val" ;;
+    --device) add_device "$val" ;;
     *) die "unknown option $opt" ;;
   esac
 done

@@ -15,8 +15,9 @@ set -euo pipefail
 # Modules loaded by L2's /init, in this order (dependencies are added automatically):
 # virtio over PCI (the transport of Tandem's PCI devices), its net and block drivers, and
 # net_failover (virtio_net needs it, for VIRTIO_NET_F_STANDBY). /init skips the modules named
-# virtio* and *failover when the guest has no virtio device (see guest/init.sh).
-L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover"}
+# virtio* and *failover when the guest has no virtio device (see guest/init.sh), and igbvf,
+# the driver of the igb VFs the VFIO tests pass through.
+L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover igbvf"}
 
 IPERF=/usr/bin/iperf3
 BB=$CACHE/blkbench

@@ -33,15 +33,18 @@ mount -t devtmpfs devtmpfs /dev
 # The virtio ones (virtio*, *failover) only when there is a virtio device: a virtio PCI
 # function (vendor 0x1af4) or a virtio-mmio one in ACPI (LNRO0005). Loading them costs
 # 0.5-1 s of a nested boot, which the boot benchmark would otherwise pay for nothing.
-virtio=0
-for v in /sys/bus/pci/devices/*/vendor; do
-  [ -e "$v" ] || continue
-  read -r id < "$v"
-  [ "$id" = 0x1af4 ] && { virtio=1; break; }
+# Likewise igbvf (and its dependencies) only when an igb VF (8086:10ca) was passed through.
+virtio=0 igbvf=0
+for d in /sys/bus/pci/devices/*; do
+  [ -e "$d/vendor" ] || continue
+  read -r id < "$d/vendor"
+  [ "$id" = 0x1af4 ] && virtio=1
+  [ "$id" = 0x8086 ] && read -r dev < "$d/device" && [ "$dev" = 0x10ca ] && igbvf=1
 done
 [ -e /sys/bus/acpi/devices/LNRO0005:00 ] && virtio=1
 while read -r m; do
   case $virtio$m in 0virtio*|0*failover) continue ;; esac
+  case $igbvf$m in 0igbvf) continue ;; esac
   insmod "/modules/$m.ko" || echo "INSMOD-FAIL $m"
 done < /modules/order
 

@@ -13,6 +13,8 @@
 #                                  pci=<bdf|-> script=<0|1> for every /dev/vd*
 #   l2_data_disks                  the vd* names, script disk excluded, in name order
 #   l2_disk_by_serial SERIAL       the vd* name whose virtio serial is SERIAL (rc 1: none)
+#   l2_if_by_driver DRIVER         the first interface bound to DRIVER, e.g. igbvf (rc 1: none)
+#   l2_irq_count PATTERN           the sum over CPUs of /proc/interrupts lines matching PATTERN
 #   l2_pci_report                  one line per PCI function:
 #       L2-PCI bdf=0000:00:02.0 vendor=0x1af4 device=0x1041 class=0x020000 driver=virtio-pci
 #              virtio=virtio_net irq=<legacy irq> cfg_size=<256|4096> msix=<on|off|none>
@@ -94,6 +96,19 @@ l2_disk_by_serial() {
     [ "$(cat "$_b/serial" 2>/dev/null)" = "$1" ] && { echo "${_b##*/}"; return 0; }
   done
   return 1
+}
+
+l2_if_by_driver() {
+  for _n in /sys/class/net/*; do
+    [ -e "$_n/device/driver" ] || continue
+    [ "$(basename "$(readlink "$_n/device/driver")")" = "$1" ] && { echo "${_n##*/}"; return 0; }
+  done
+  return 1
+}
+
+l2_irq_count() {
+  awk -v pat="$1" -v cpus="$(grep -c '^processor' /proc/cpuinfo)" \
+    '$0 ~ pat { for (i = 2; i <= cpus + 1; i++) n += $i } END { print n + 0 }' /proc/interrupts
 }
 
 _l2_cfg_u8() { od -An -tu1 -j "$2" -N 1 "$1" | tr -d ' \n'; }

@@ -40,13 +40,23 @@ pub struct BedOptions {
     pub iommu: bool,
     pub igb: bool,
     pub timeout_s: u32,
+    /// More L1 kernel command line (e.g. intremap=off).
+    pub append: String,
     /// More files for L1, as (host path, path inside L1).
     pub files: Vec<(PathBuf, String)>,
 }
 
 impl Default for BedOptions {
     fn default() -> Self {
-        Self { mem_mib: 2048, smp: 2, iommu: false, igb: false, timeout_s: 900, files: Vec::new() }
+        Self {
+            mem_mib: 2048,
+            smp: 2,
+            iommu: false,
+            igb: false,
+            timeout_s: 900,
+            append: String::new(),
+            files: Vec::new(),
+        }
     }
 }
 
@@ -78,19 +88,29 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     cmd.args(["--mem", &opts.mem_mib.to_string(), "--smp", &opts.smp.to_string()]);
     cmd.args(["--timeout", &opts.timeout_s.to_string()]);
     // L1's own watchdog fires first, so a hung scenario still reports what was stuck.
-    cmd.args(["--append", &format!("tandem.scenario_timeout={}", opts.timeout_s.saturating_sub(45).max(30))]);
+    let watchdog = format!("tandem.scenario_timeout={}", opts.timeout_s.saturating_sub(45).max(30));
+    cmd.args(["--append", format!("{watchdog} {}", opts.append).trim_end()]);
     if opts.iommu {
         cmd.arg("--iommu");
     }
     if opts.igb {
         cmd.arg("--igb");
     }
+    // One L1 at a time: two would share the host's two cores and each run twice as slow.
+    static ONE_L1: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let one = ONE_L1.lock().unwrap_or_else(|e| e.into_inner());
     let status = cmd.arg(&overlay).arg(&log).status().expect("run resources/bed/run-l1.sh");
+    drop(one);
     let text = std::fs::read(&log).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
     let bed = BedLog { text, path: log };
     assert!(status.success(), "the L1 bed exited with {status}; log {}:\n{}", bed.path.display(), bed.tail(60));
     assert!(bed.text.contains("L1-INIT-OK"), "L1 never reached its init; log:\n{}", bed.tail(60));
-    assert!(!bed.text.contains("L1-SCENARIO-TIMEOUT"), "the scenario hung; log {}:\n{}", bed.path.display(), bed.tail(200));
+    assert!(
+        !bed.text.contains("L1-SCENARIO-TIMEOUT"),
+        "the scenario hung; log {}:\n{}",
+        bed.path.display(),
+        bed.tail(200)
+    );
     bed
 }
 

@@ -8,9 +8,13 @@ use std::sync::Arc;
 use boot::layout::MemoryLayout;
 
 use crate::config::{ConfigError, SerialConfig, VmConfig};
-use crate::device_manager::{DeviceError, DeviceManager};
+use crate::device_manager::{
+    check_passthrough_host, DeviceError, DeviceManager, InterruptRemapping, PassthroughReport,
+};
 use crate::exit::ExitLatch;
+use crate::memory::RamBacking;
 use crate::runner::{RunError, RunningVm};
+use crate::sriov::{Host, Leases};
 use crate::terminal::StdinPump;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
@@ -68,6 +72,8 @@ pub enum BuildError {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Run(#[from] RunError),
+    #[error(transparent)]
+    Sriov(#[from] crate::sriov::SriovError),
 }
 
 /// Builds the VM `config` describes and starts its vCPUs.
@@ -78,9 +84,20 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut initrd_file = config.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
     let kvm = Vm::open_kvm()?;
     check_host_limits(&kvm, config)?;
+    if !config.vfs.is_empty() || !config.devices.is_empty() {
+        // What would make VFIO refuse every device, before any is taken from the host.
+        check_passthrough_host(config.memory).map_err(DeviceError::from)?;
+    }
+    // Before the VM exists: dropped last on any failure below, so the host devices go
+    // back only after the VFIO objects holding them are closed.
+    let leases = Leases::acquire(&config.vfs, &config.devices, &Host::system())?;
+    for warning in leases.warnings() {
+        eprintln!("tandem: warning: {warning}");
+    }
 
     let layout = MemoryLayout::new(config.memory)?;
-    let vm = Vm::new(kvm, &layout.ram_regions())?;
+    let backing = if config.hugepages { RamBacking::HugePages } else { RamBacking::Anonymous };
+    let vm = Vm::with_backing(kvm, &layout.ram_regions(), backing)?;
     let mem = vm.memory();
 
     let kernel = boot::loader::load_kernel(mem, &mut kernel_file)
@@ -117,6 +134,9 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     for nic in &config.nets {
         devices.add_net(nic)?;
     }
+    for (id, sysfs) in leases.passthrough() {
+        report_passthrough(&devices.add_passthrough(id, sysfs)?);
+    }
 
     let mut supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     // KVM emulates the TSC-deadline timer with its in-kernel LAPIC but leaves the CPUID
@@ -136,7 +156,34 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
         (SerialConfig::Stdio, Some(serial)) => Some(StdinPump::start(serial.clone()).map_err(BuildError::Stdin)?),
         _ => None,
     };
-    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch)?)
+    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch, leases)?)
+}
+
+/// One line per passthrough device on stderr: where it went, whether its interrupts are
+/// remapped, and how long pinning guest RAM took (once per VM).
+fn report_passthrough(r: &PassthroughReport) {
+    let ir = match r.interrupts {
+        InterruptRemapping::Active => "interrupt remapping active",
+        InterruptRemapping::UnsafeAllowed => {
+            "WARNING: interrupt remapping is OFF (allowed by vfio_iommu_type1 allow_unsafe_interrupts): the device \
+             can forge MSIs"
+        }
+    };
+    let dma = r.dma.map_or(String::new(), |d| {
+        format!(
+            "; guest RAM mapped for DMA: {} MiB in {:.1} ms ({:.2} GiB/s)",
+            d.bytes >> 20,
+            d.elapsed.as_secs_f64() * 1e3,
+            d.gib_per_s()
+        )
+    });
+    eprintln!(
+        "tandem: {}: {} at guest PCI 00:{:02x}.0, attached in {:.1} ms; {ir}{dma}",
+        r.id,
+        r.bdf,
+        r.slot,
+        r.attach.as_secs_f64() * 1e3
+    );
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {

@@ -17,8 +17,10 @@ pub enum ConfigError {
     BadSerial(String),
     #[error("--{flag} {value:?}: {reason}; e.g. --{flag} {example}")]
     BadDevice { flag: &'static str, value: String, reason: String, example: &'static str },
-    #[error("two devices have the id {0:?}: give each --net/--disk its own id=")]
+    #[error("two devices have the id {0:?}: give each --net/--disk/--vf/--device its own id=")]
     DuplicateId(String),
+    #[error("--memory {value:?}: {reason}; e.g. --memory 2G or --memory size=2G,hugepages=on")]
+    BadMemory { value: String, reason: String },
 }
 
 /// Where the guest's COM1 output goes.
@@ -77,9 +79,15 @@ pub struct VmConfig {
     pub cpus: u32,
     /// Guest RAM in bytes.
     pub memory: u64,
+    /// Back guest RAM with reserved 2 MiB huge pages (hugetlbfs).
+    pub hugepages: bool,
     pub serial: SerialConfig,
     pub nets: Vec<NetConfig>,
     pub disks: Vec<DiskConfig>,
+    /// SR-IOV VFs to lease from their PF and pass through.
+    pub vfs: Vec<crate::sriov::VfSpec>,
+    /// Host PCI devices to pass through whole.
+    pub devices: Vec<crate::sriov::DeviceSpec>,
 }
 
 impl VmConfig {
@@ -96,9 +104,12 @@ impl VmConfig {
             cmdline: Self::DEFAULT_CMDLINE.to_string(),
             cpus: 1,
             memory: 512 << 20,
+            hugepages: false,
             serial: SerialConfig::default(),
             nets: Vec::new(),
             disks: Vec::new(),
+            vfs: Vec::new(),
+            devices: Vec::new(),
         }
     }
 
@@ -114,7 +125,9 @@ impl VmConfig {
             return Err(ConfigError::ZeroMemory);
         }
         let mut ids = std::collections::HashSet::new();
-        for id in self.nets.iter().map(|n| &n.id).chain(self.disks.iter().map(|d| &d.id)) {
+        let ids_in_order = self.nets.iter().map(|n| &n.id).chain(self.disks.iter().map(|d| &d.id));
+        let ids_in_order = ids_in_order.chain(self.vfs.iter().map(|v| &v.id)).chain(self.devices.iter().map(|d| &d.id));
+        for id in ids_in_order {
             if !ids.insert(id) {
                 return Err(ConfigError::DuplicateId(id.clone()));
             }
@@ -123,20 +136,20 @@ impl VmConfig {
     }
 }
 
-/// One `--net`/`--disk` value being parsed, for errors that quote it with an example.
-struct DeviceFlag<'a> {
-    flag: &'static str,
-    example: &'static str,
-    value: &'a str,
+/// One `--net`/`--disk`/`--vf`/`--device` value being parsed, for errors that quote it with an example.
+pub(crate) struct DeviceFlag<'a> {
+    pub(crate) flag: &'static str,
+    pub(crate) example: &'static str,
+    pub(crate) value: &'a str,
 }
 
 impl<'a> DeviceFlag<'a> {
-    fn error(&self, reason: String) -> ConfigError {
+    pub(crate) fn error(&self, reason: String) -> ConfigError {
         ConfigError::BadDevice { flag: self.flag, value: self.value.to_string(), reason, example: self.example }
     }
 
     /// `key=value` pairs in order, e.g. `tap=tap0,mac=02:00:00:00:00:01`.
-    fn pairs(&self) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
+    pub(crate) fn pairs(&self) -> Result<Vec<(&'a str, &'a str)>, ConfigError> {
         let mut out: Vec<(&str, &str)> = Vec::new();
         for item in self.value.split(',') {
             let (k, v) = item.split_once('=').ok_or_else(|| self.error(format!("{item:?} is not key=value")))?;
@@ -148,7 +161,7 @@ impl<'a> DeviceFlag<'a> {
         Ok(out)
     }
 
-    fn on_off(&self, key: &str, v: &str) -> Result<bool, ConfigError> {
+    pub(crate) fn on_off(&self, key: &str, v: &str) -> Result<bool, ConfigError> {
         match v {
             "on" => Ok(true),
             "off" => Ok(false),
@@ -157,7 +170,7 @@ impl<'a> DeviceFlag<'a> {
     }
 }
 
-fn parse_mac(s: &str) -> Option<[u8; 6]> {
+pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
     let mut mac = [0u8; 6];
     let mut parts = s.split(':');
     for byte in &mut mac {
@@ -228,6 +241,30 @@ impl DiskConfig {
     }
 }
 
+/// Parses `--memory`: a size (`2G`), or `size=SIZE[,hugepages=on]`. Returns the bytes
+/// and whether huge pages back them.
+pub fn parse_memory(value: &str) -> Result<(u64, bool), ConfigError> {
+    if !value.contains('=') {
+        return Ok((parse_size(value)?, false));
+    }
+    let bad = |reason: String| ConfigError::BadMemory { value: value.to_string(), reason };
+    let (mut size, mut huge) = (None, false);
+    for item in value.split(',') {
+        match item.split_once('=') {
+            Some(("size", v)) => size = Some(parse_size(v).map_err(|e| bad(e.to_string()))?),
+            Some(("hugepages", "on")) => huge = true,
+            Some(("hugepages", "off")) => huge = false,
+            Some(("hugepages", v)) => return Err(bad(format!("hugepages={v:?} must be on or off"))),
+            _ => return Err(bad(format!("{item:?} is not size=SIZE or hugepages=on|off"))),
+        }
+    }
+    let size = size.ok_or_else(|| bad("size=SIZE is required".into()))?;
+    if huge && size % (2 << 20) != 0 {
+        return Err(bad("with hugepages=on the size must be a multiple of 2 MiB".into()));
+    }
+    Ok((size, huge))
+}
+
 /// Parses `512M`, `5G`, `1048576`, `64k` (binary units) into bytes.
 pub fn parse_size(s: &str) -> Result<u64, ConfigError> {
     let bad = || ConfigError::BadSize(s.to_string());
@@ -262,6 +299,17 @@ mod tests {
         assert_eq!(parse_size("0"), Ok(0));
         for bad in ["", "M", "12Q", "-1G", "1.5G", "99999999999T"] {
             assert!(parse_size(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn memory_flag() {
+        assert_eq!(parse_memory("1G"), Ok((1 << 30, false)));
+        assert_eq!(parse_memory("size=1G,hugepages=on"), Ok((1 << 30, true)));
+        assert_eq!(parse_memory("hugepages=off,size=3M"), Ok((3 << 20, false)));
+        for bad in ["size=3M,hugepages=on", "hugepages=on", "size=1G,hugepages=yes", "size=x", "sz=1G"] {
+            let e = parse_memory(bad).unwrap_err().to_string();
+            assert!(e.contains("--memory") && e.contains("e.g."), "{bad}: {e}");
         }
     }
 

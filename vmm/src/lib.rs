@@ -16,6 +16,7 @@ pub mod exit;
 pub mod interrupt;
 pub mod memory;
 pub mod runner;
+pub mod sriov;
 pub mod terminal;
 pub mod vcpu;
 pub mod vm;

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use vmm::config::{DiskConfig, NetConfig};
+use vmm::sriov::{DeviceSpec, VfSpec};
 use vmm::{GuestExit, SerialConfig, VmConfig};
 
 /// Boot a Linux guest under KVM.
@@ -17,10 +18,14 @@ use vmm::{GuestExit, SerialConfig, VmConfig};
 /// when it cannot start or crashes; 128+N when stopped by signal N (SIGTERM, SIGINT).
 #[derive(Parser, Debug)]
 #[command(name = "tandem", version, about, long_about, max_term_width = 100)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
 struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+
     /// Guest kernel: a bzImage or an ELF vmlinux. Example: --kernel /boot/vmlinuz-6.1.0-amd64
-    #[arg(long, value_name = "PATH")]
-    kernel: PathBuf,
+    #[arg(long, value_name = "PATH", required = true)]
+    kernel: Option<PathBuf>,
 
     /// Initial ramdisk (cpio archive, compressed or not). Example: --initramfs initrd.gz
     #[arg(long, value_name = "PATH")]
@@ -34,9 +39,10 @@ struct Cli {
     #[arg(long, value_name = "N", default_value_t = 1)]
     cpus: u32,
 
-    /// Guest RAM, with a K, M, G or T suffix. Example: --memory 5G
+    /// Guest RAM, with a K, M, G or T suffix; size=SIZE,hugepages=on backs it with
+    /// reserved 2 MiB huge pages. Example: --memory 5G, --memory size=2G,hugepages=on
     #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
-    memory: u64,
+    memory: (u64, bool),
 
     /// Where COM1 goes: stdio (the terminal, in raw mode), file=PATH (appended), or off.
     /// Example: --serial file=/tmp/guest.log
@@ -52,26 +58,80 @@ struct Cli {
     /// Example: --disk path=disk.img,readonly=on,id=disk0 (also direct=on for O_DIRECT)
     #[arg(long, value_name = "path=PATH[,readonly=on][,direct=on][,id=ID]")]
     disk: Vec<String>,
+
+    /// An SR-IOV VF of the NIC whose PF is IFNAME, passed through with VFIO. Tandem sets
+    /// the VF's MAC/VLAN/flags on the PF, binds it to vfio-pci, and puts everything back
+    /// when it exits (`tandem cleanup` after a kill). create=on makes the PF's VFs if it
+    /// has none. Repeatable. Example: --vf pf=eth0,index=0,mac=02:00:00:00:00:01,create=on
+    #[arg(
+        long,
+        value_name = "pf=IFNAME,index=N[,mac=MAC][,vlan=ID][,spoofchk=on|off][,trust=on|off][,create=on][,id=ID]"
+    )]
+    vf: Vec<String>,
+
+    /// A host PCI device passed through whole with VFIO (bound to vfio-pci for the VM's
+    /// life). Repeatable. Example: --device path=/sys/bus/pci/devices/0000:01:00.0
+    #[arg(long, value_name = "path=/sys/bus/pci/devices/BDF[,id=ID]")]
+    device: Vec<String>,
 }
 
-fn parse_memory(s: &str) -> Result<u64, String> {
-    vmm::config::parse_size(s).map_err(|e| e.to_string())
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Restore the VFs and devices a killed tandem left bound to vfio-pci (original
+    /// driver, MAC, VLAN and flags; VFs it created removed).
+    Cleanup,
+}
+
+fn parse_memory(s: &str) -> Result<(u64, bool), String> {
+    vmm::config::parse_memory(s).map_err(|e| e.to_string())
 }
 
 impl Cli {
     fn into_config(self) -> anyhow::Result<VmConfig> {
+        let Some(kernel) = self.kernel else { anyhow::bail!("--kernel PATH is required") };
         let nets = self.net.iter().enumerate().map(|(i, v)| NetConfig::parse(v, i)).collect::<Result<_, _>>()?;
         let disks = self.disk.iter().enumerate().map(|(i, v)| DiskConfig::parse(v, i)).collect::<Result<_, _>>()?;
+        let vfs = self.vf.iter().enumerate().map(|(i, v)| VfSpec::parse(v, i)).collect::<Result<_, _>>()?;
+        let devices = self.device.iter().enumerate().map(|(i, v)| DeviceSpec::parse(v, i)).collect::<Result<_, _>>()?;
+        let (memory, hugepages) = self.memory;
         Ok(VmConfig {
-            kernel: self.kernel,
+            kernel,
             initramfs: self.initramfs,
             cmdline: self.cmdline,
             cpus: self.cpus,
-            memory: self.memory,
+            memory,
+            hugepages,
             serial: self.serial,
             nets,
             disks,
+            vfs,
+            devices,
         })
+    }
+}
+
+/// `tandem cleanup`: exit 0 when nothing is left to restore.
+fn cleanup() -> ExitCode {
+    match vmm::sriov::cleanup(&vmm::sriov::Host::system()) {
+        Ok(report) => {
+            let said = |what: &str, lines: &[String]| lines.iter().for_each(|l| eprintln!("tandem cleanup: {what}{l}"));
+            said("restored ", &report.restored);
+            said("still in use, left alone: ", &report.in_use);
+            said("warning: ", &report.warnings);
+            said("FAILED: ", &report.failed);
+            if report.restored.is_empty() && report.failed.is_empty() {
+                eprintln!("tandem cleanup: nothing to restore");
+            }
+            if report.failed.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("tandem cleanup: error: {e}");
+            ExitCode::from(1)
+        }
     }
 }
 
@@ -130,6 +190,9 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Cleanup) = cli.command {
+        return cleanup();
+    }
     match run(cli) {
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,
         Ok(GuestExit::Stopped { signal }) => {

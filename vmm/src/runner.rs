@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitLatch, GuestExit};
+use crate::sriov::Leases;
 use crate::terminal::StdinPump;
 use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuHandle};
 use crate::vm::Vm;
@@ -46,6 +47,9 @@ pub struct RunningVm {
     devices: DeviceManager,
     /// `None` once leaked: see `halt_vcpus`.
     vm: Option<Vm>,
+    /// Host devices passed through, restored once the devices and the VM (which hold
+    /// them open through VFIO) are gone.
+    leases: Option<Leases>,
 }
 
 impl RunningVm {
@@ -57,10 +61,12 @@ impl RunningVm {
         vcpus: Vec<Vcpu>,
         stdin: Option<StdinPump>,
         latch: Arc<ExitLatch>,
+        leases: Leases,
     ) -> Result<Self, RunError> {
         install_kick_handler().map_err(RunError::Signals)?;
         let counters = Arc::new(ExitCounters::default());
-        let mut running = Self { vcpus: Vec::new(), stdin, latch, counters, devices, vm: Some(vm) };
+        let mut running =
+            Self { vcpus: Vec::new(), stdin, latch, counters, devices, vm: Some(vm), leases: Some(leases) };
         for vcpu in vcpus {
             let id = vcpu.id();
             let handle = VcpuHandle::spawn(
@@ -130,8 +136,11 @@ impl RunningVm {
                 let _ = handle.thread.join();
             } else {
                 // A thread that never left KVM_RUN still uses guest memory: leak the VM
-                // rather than unmap memory under it.
+                // rather than unmap memory under it. Its passthrough devices stay open
+                // with it, so restoring them would block: their journals stay for
+                // `tandem cleanup` once this process is gone.
                 std::mem::forget(self.vm.take());
+                std::mem::forget(self.leases.take());
                 stuck += 1;
             }
         }

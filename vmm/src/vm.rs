@@ -8,7 +8,7 @@ use kvm_ioctls::{IoEventAddress, Kvm, VmFd};
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::memory::GuestRam;
+use crate::memory::{GuestRam, RamBacking};
 
 pub type GuestMemory = GuestMemoryMmap<()>;
 
@@ -32,6 +32,8 @@ pub enum VmError {
         #[source]
         source: kvm_ioctls::Error,
     },
+    #[error("KVM has no memory slot left for device memory; pass fewer devices through")]
+    NoMemorySlots,
     #[error("cannot set up the in-kernel {what}: {source}")]
     Irqchip {
         what: &'static str,
@@ -82,8 +84,13 @@ impl Vm {
 
     /// Creates the VM with guest RAM over `ram`, an in-kernel PIC/IOAPIC/LAPIC and PIT.
     pub fn new(kvm: Kvm, ram: &[(GuestAddress, usize)]) -> Result<Self, VmError> {
+        Self::with_backing(kvm, ram, RamBacking::Anonymous)
+    }
+
+    /// [`Vm::new`] with RAM backed as `backing` says.
+    pub fn with_backing(kvm: Kvm, ram: &[(GuestAddress, usize)], backing: RamBacking) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        let vm = Self { kvm, fd: Arc::new(fd), ram: GuestRam::new(ram)? };
+        let vm = Self { kvm, fd: Arc::new(fd), ram: GuestRam::new(ram, backing)? };
         vm.register_memory()?;
         vm.create_irqchip()?;
         Ok(vm)
@@ -142,6 +149,13 @@ impl Vm {
         self.ram.memory()
     }
 
+    /// The memory slots left for device memory (passthrough BARs) after guest RAM.
+    pub fn device_slots(&self) -> Result<DeviceMemorySlots, VmError> {
+        let first = self.memory().num_regions() as u32;
+        let max = self.kvm.get_nr_memslots() as u32;
+        DeviceMemorySlots::new(self.fd.clone(), first, max)
+    }
+
     /// Routes `evt` to guest interrupt line `gsi` without a VMM round trip.
     pub fn register_irqfd(&self, evt: &EventFd, gsi: u32) -> Result<(), VmError> {
         self.fd.register_irqfd(evt, gsi).map_err(|source| VmError::Register {
@@ -163,5 +177,57 @@ impl Vm {
         self.fd
             .register_ioevent(evt, &IoEventAddress::Mmio(addr), kvm_ioctls::NoDatamatch)
             .map_err(|source| VmError::Register { what: "ioeventfd", at: format!("MMIO {addr:#x}"), source })
+    }
+}
+
+/// KVM memory slots over host mappings that are not guest RAM: a passthrough device's
+/// BARs, mapped so that guest accesses reach the device without a VMM exit.
+pub struct DeviceMemorySlots {
+    vm: Arc<VmFd>,
+    ids: std::sync::Mutex<vm_allocator::IdAllocator>,
+}
+
+impl DeviceMemorySlots {
+    fn new(vm: Arc<VmFd>, first: u32, max: u32) -> Result<Self, VmError> {
+        let ids = vm_allocator::IdAllocator::new(first, max.saturating_sub(1)).map_err(|_| VmError::NoMemorySlots)?;
+        Ok(Self { vm, ids: std::sync::Mutex::new(ids) })
+    }
+
+    /// Maps `size` bytes of host memory at `host` to guest-physical `gpa`; returns the slot.
+    ///
+    /// # Safety
+    /// `host..host+size` must stay mapped until [`DeviceMemorySlots::unmap`] removes the
+    /// slot (or the VM is gone): KVM lets the guest access it directly.
+    pub unsafe fn map(&self, gpa: u64, size: u64, host: *mut u8) -> Result<u32, VmError> {
+        let slot =
+            self.ids.lock().unwrap_or_else(|e| e.into_inner()).allocate_id().map_err(|_| VmError::NoMemorySlots)?;
+        let desc = kvm_userspace_memory_region {
+            slot,
+            flags: 0,
+            guest_phys_addr: gpa,
+            memory_size: size,
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the caller keeps the mapping alive for as long as the slot exists.
+        if let Err(source) = unsafe { self.vm.set_user_memory_region(desc) } {
+            let _ = self.ids.lock().unwrap_or_else(|e| e.into_inner()).free_id(slot);
+            return Err(VmError::MemorySlot { slot, gpa, size, source });
+        }
+        Ok(slot)
+    }
+
+    /// Removes a slot `map` returned; the guest's accesses there exit to the VMM again.
+    pub fn unmap(&self, slot: u32) -> Result<(), VmError> {
+        let desc =
+            kvm_userspace_memory_region { slot, flags: 0, guest_phys_addr: 0, memory_size: 0, userspace_addr: 0 };
+        // SAFETY: a zero-sized region deletes the slot; no host memory is referenced.
+        unsafe { self.vm.set_user_memory_region(desc) }.map_err(|source| VmError::MemorySlot {
+            slot,
+            gpa: 0,
+            size: 0,
+            source,
+        })?;
+        let _ = self.ids.lock().unwrap_or_else(|e| e.into_inner()).free_id(slot);
+        Ok(())
     }
 }

@@ -168,6 +168,40 @@ fn tap_without_permission() {
 }
 
 #[test]
+fn malformed_passthrough_flags() {
+    assert_refused(&["--kernel", "/x", "--vf", "index=0"], &["--vf", "pf=IFNAME", "is required", "e.g."]);
+    assert_refused(&["--kernel", "/x", "--vf", "pf=eth0,index=x"], &["index=\"x\"", "e.g."]);
+    assert_refused(&["--kernel", "/x", "--vf", "pf=eth0,index=0,mac=01:00:00:00:00:01"], &["multicast"]);
+    assert_refused(&["--kernel", "/x", "--device", "path=/tmp/not-a-device"], &["--device", "sysfs"]);
+    assert_refused(
+        &["--kernel", "/x", "--vf", "pf=eth0,index=0,id=a", "--disk", "path=/d,id=a"],
+        &["two devices have the id \"a\""],
+    );
+}
+
+#[test]
+fn passthrough_on_a_host_that_cannot() {
+    need_kvm();
+    let kernel = kernel_image();
+    let has_iommu = std::fs::read_dir("/sys/class/iommu").is_ok_and(|mut d| d.next().is_some());
+    // On a host without an IOMMU that is what the user hears first; with one, the made-up
+    // PF (or the missing interrupt remapping) is.
+    let expect: &[&str] = if has_iommu { &["tndm-nopf0"] } else { &["no IOMMU", "intel_iommu=on"] };
+    assert_refused(&["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--vf", "pf=tndm-nopf0,index=0"], expect);
+}
+
+#[test]
+fn hugepages_the_host_has_not_reserved() {
+    need_kvm();
+    let kernel = kernel_image();
+    // 20 GiB of huge pages: fits the host's RAM check, never its hugepage pool.
+    assert_refused(
+        &["--kernel", kernel.to_str().unwrap(), "--serial", "off", "--memory", "size=20G,hugepages=on"],
+        &["10240", "huge pages", "nr_hugepages"],
+    );
+}
+
+#[test]
 fn missing_disk_image() {
     need_kvm();
     let kernel = kernel_image();

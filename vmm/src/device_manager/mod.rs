@@ -3,7 +3,12 @@
 
 mod legacy;
 mod pci;
+mod vfio;
+mod vfio_checks;
 mod virtio;
+
+pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
+pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
 use std::sync::{Arc, Mutex};
 
@@ -47,15 +52,21 @@ pub enum DeviceError {
     Backend { id: String, reason: String },
     #[error("PCI devices need the PCI bus, which this VM was built without")]
     NoPci,
+    #[error(transparent)]
+    HostCheck(#[from] HostCheckError),
 }
 
 /// What PCI devices share: the segment, MSI routing, the worker loop, guest memory.
 struct PciState {
+    // Field order is drop order: the devices' BAR slots and the segment go before the
+    // VFIO container, whose DMA mappings point into `memory`.
     segment: PciSegment,
     vm: Arc<VmFd>,
     routing: Arc<GsiRouting>,
     event_loop: Arc<DeviceEventLoop>,
     memory: GuestMemory,
+    /// Created with the first passthrough device.
+    vfio: Option<vfio::VfioHost>,
 }
 
 /// A device on the PCI bus, by the id the user gave it.
@@ -82,13 +93,14 @@ impl DeviceManager {
     /// Creates the PCI root bus (config ports, ECAM, BAR windows), the MSI routing
     /// table and the device event loop.
     pub fn enable_pci(&mut self, vm: &Vm, layout: &MemoryLayout) -> Result<(), DeviceError> {
-        let segment = PciSegment::new(&self.buses, vm.fd_arc(), layout)?;
+        let segment = PciSegment::new(&self.buses, vm.fd_arc(), vm.device_slots()?, layout)?;
         self.pci = Some(PciState {
             segment,
             vm: vm.fd_arc(),
             routing: Arc::new(GsiRouting::new(vm.fd_arc())),
             event_loop: Arc::new(DeviceEventLoop::start()?),
             memory: vm.memory().clone(),
+            vfio: None,
         });
         Ok(())
     }

@@ -2,26 +2,33 @@
 //! mapping BARs and their ioeventfds where the guest has them decoded, and adding
 //! devices with MSI-X vectors routed through KVM.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use boot::layout::{MemoryLayout, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use pci::{BarChange, BarKind, BarMapper, BarRegion, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice};
+use pci::{BarChange, BarKind, BarMapper, BarRegion, MmapArea, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice};
 use vm_allocator::{AddressAllocator, AllocPolicy};
 
 use super::DeviceError;
 use crate::vcpu::Buses;
+use crate::vm::DeviceMemorySlots;
 
 /// What the guest did to a BAR that could not be honoured; counted, since the guest
 /// sees only a BAR that does not answer.
 #[derive(Default)]
 pub struct BarMapFailures(std::sync::atomic::AtomicU64);
 
-/// Moves BAR regions on the buses and KVM ioeventfds as the guest (re)programs BARs.
+/// Moves BAR regions on the buses, KVM ioeventfds, and the memory slots of
+/// passthrough BARs as the guest (re)programs BARs.
 struct KvmBarMapper {
     buses: Arc<Buses>,
     vm: Arc<VmFd>,
     failures: Arc<BarMapFailures>,
+    slots: DeviceMemorySlots,
+    /// Memory slots mapped now, by guest-physical address, with the host mapping each
+    /// one points into (kept alive while the slot exists).
+    mapped: Mutex<BTreeMap<u64, (u32, MmapArea)>>,
 }
 
 impl KvmBarMapper {
@@ -57,7 +64,13 @@ impl KvmBarMapper {
                 self.fail();
             }
         }
+        let areas = if on { dev.mmap_areas(index) } else { Vec::new() };
         drop(dev);
+        if on {
+            self.map_areas(base, areas);
+        } else {
+            self.unmap_areas(base, size);
+        }
         let r = if on {
             self.bus(kind).insert(base, size, Arc::new(Mutex::new(BarRegion::new(device.clone(), index)))).map(drop)
         } else {
@@ -65,6 +78,37 @@ impl KvmBarMapper {
         };
         if r.is_err() {
             self.fail();
+        }
+    }
+}
+
+impl KvmBarMapper {
+    /// Memory slots over the BAR's host-backed parts: guest accesses there go to the
+    /// device without an exit. The rest of the BAR stays on the bus (trapped).
+    fn map_areas(&self, base: u64, areas: Vec<MmapArea>) {
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        for area in areas.into_iter().filter(|a| a.mapping.is_writable() && !a.mapping.is_empty()) {
+            let gpa = base + area.offset;
+            // SAFETY: the slot points into `area.mapping`, which `mapped` keeps alive
+            // until `unmap_areas` deletes the slot (or the VM is torn down, vCPUs stopped).
+            match unsafe { self.slots.map(gpa, area.mapping.len() as u64, area.mapping.as_ptr()) } {
+                Ok(slot) => {
+                    mapped.insert(gpa, (slot, area));
+                }
+                Err(_) => self.fail(),
+            }
+        }
+    }
+
+    fn unmap_areas(&self, base: u64, size: u64) {
+        let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
+        let gone: Vec<u64> = mapped.range(base..base.saturating_add(size)).map(|(gpa, _)| *gpa).collect();
+        for gpa in gone {
+            if let Some((slot, _area)) = mapped.remove(&gpa) {
+                if self.slots.unmap(slot).is_err() {
+                    self.fail();
+                }
+            }
         }
     }
 }
@@ -90,9 +134,15 @@ pub struct PciSegment {
 
 impl PciSegment {
     /// Creates the root bus and puts its config accessors on the buses.
-    pub fn new(buses: &Arc<Buses>, vm: Arc<VmFd>, layout: &MemoryLayout) -> Result<Self, DeviceError> {
+    pub fn new(
+        buses: &Arc<Buses>,
+        vm: Arc<VmFd>,
+        slots: DeviceMemorySlots,
+        layout: &MemoryLayout,
+    ) -> Result<Self, DeviceError> {
         let failures = Arc::new(BarMapFailures::default());
-        let mapper = Arc::new(KvmBarMapper { buses: buses.clone(), vm, failures });
+        let mapped = Mutex::new(BTreeMap::new());
+        let mapper = Arc::new(KvmBarMapper { buses: buses.clone(), vm, failures, slots, mapped });
         let root = Arc::new(PciRoot::new(mapper.clone()));
         let place = |what, source| DeviceError::Bus { what, source };
         buses

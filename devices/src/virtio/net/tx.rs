@@ -281,9 +281,8 @@ mod tests {
         const W: u16 = VRING_DESC_F_WRITE as u16;
         vq.add_desc_chains(&[desc(BUF, 20, 0, 0), desc(BUF, 20, W, 0), desc(BUF, 20, 0, 0)], 0).unwrap();
         let mut seen = Vec::new();
-        let out = process_tx(&mem, &mut q, tap.as_fd(), &counters, 64, "test", &mut |q: &mut Queue| {
-            seen.push(q.next_used())
-        });
+        let out =
+            process_tx(&mem, &mut q, tap.as_fd(), &counters, 64, "test", &mut |q: &mut Queue| seen.push(q.next_used()));
         assert!(matches!(out.stop, TxStop::Drained), "{out:?}");
         // The used index had already moved past each chain when the caller heard of it.
         assert_eq!(seen, vec![1, 2, 3]);

@@ -1,0 +1,28 @@
+#!/bin/bash
+# bench/vfio.sh [--runs N] — SR-IOV VF passthrough, Tandem against QEMU 7.2 (a benchmark, not
+# a test). Inside ONE L1 of the nested bed with an emulated Intel IOMMU and an igb NIC
+# (run-l1.sh --iommu --igb; resources/bench/vfio-l1.sh), one VF goes in turn to a Tandem
+# guest (--vf pf=...,index=0: Tandem binds it to vfio-pci itself) and to a QEMU guest
+# (-device vfio-pci,host=BDF on -M q35, the VF bound for it beforehand): 1 vCPU, 512 MiB,
+# `quiet`. Measured on L1's clock by bootmeter: the VMM's start to the guest's line after
+# igbvf probed the VF. Tandem also reports the time to pin its guest RAM for DMA (as GiB/s;
+# anonymous memory, and 2 MiB huge pages with --memory size=512M,hugepages=on) and to
+# attach the VF. Under TCG every figure is slow in absolute terms; the probe ratio is the
+# comparison, the GiB/s the pinning speed of L1's kernel as Tandem drives it.
+# Last line:
+#   vf_probe_ratio=<tandem / qemu, lower is better> dma_map_gib_s=<x> dma_map_hugepages_gib_s=<x>
+# each the median over the rounds (the ratio: of each round's Tandem / QEMU).
+# TANDEM_BIN=PATH uses that binary instead of building the release one.
+set -euo pipefail
+. "$(dirname "$0")/../lib/common.sh"
+. "$RES/bench/common.sh"
+
+bench_args "$@"
+"$RES/build-images.sh" >&2
+bench_tandem
+
+BENCH_L1_ARGS="--iommu --igb"
+bench_in_l1 vfio "$RES/bench/vfio-l1.sh" "3 boots" probe_ms attach_ms
+echo "vf_probe_ratio=$(bench_paired_ratio "$BENCH_LINES" probe_ms)" \
+  "dma_map_gib_s=$(bench_median "$BENCH_LINES" tandem dma_gib_s)" \
+  "dma_map_hugepages_gib_s=$(bench_median "$BENCH_LINES" tandem dma_huge_gib_s)"

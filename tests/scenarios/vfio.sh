@@ -1,0 +1,69 @@
+# L1 scenario for tests/bed_vfio.rs (run-l1.sh --iommu --igb): an igb VF passed to L2 with
+# --vf, its lifecycle on the host side, and the refusals.
+. /lib/bed.sh
+PF=$(igb_pf_up 10.98.0.2/24) || exit 1
+echo "L1-PF if=$PF $(vf_state "$PF" 0)"
+
+cat > /tmp/l2.sh <<'L2'
+l2_pci_report
+l2_net_report
+IF=$(l2_if_by_driver igbvf) || { echo "L2-VF-NO-IGBVF"; exit 1; }
+ip link set lo up
+ip addr add 10.98.0.3/24 dev "$IF" && ip link set "$IF" up
+i=0; until grep -q 1 "/sys/class/net/$IF/carrier" 2>/dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i + 1)); done
+before=$(l2_irq_count "$IF")
+ping -c 3 -W 3 10.98.0.1 >/dev/null && echo "L2-VF-PING-WIRE-OK"
+ping -c 3 -W 3 10.98.0.2 >/dev/null && echo "L2-VF-PING-PF-OK"
+echo "L2-VF if=$IF mac=$(cat /sys/class/net/$IF/address) carrier=$(cat /sys/class/net/$IF/carrier) irqs_before=$before irqs_after=$(l2_irq_count "$IF")"
+grep -E "$IF|igbvf" /proc/interrupts | tr -s ' ' | sed 's/^/L2-IRQ /'
+L2
+mkscript_disk /tmp/script.img /tmp/l2.sh
+
+# 1. create=on: Tandem makes the VFs, sets the MAC, binds vfio-pci; all undone at exit.
+run_tandem create --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:01,create=on,id=vf0" \
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+echo "L1-AFTER-CREATE $(vf_state "$PF" 0)"
+ls /run/tandem/vf/ 2>/dev/null | sed 's/^/L1-JOURNAL-LEFT /'
+
+# 2. VFs the host made (autoprobe on, VF 0 on igbvf): Tandem borrows VF 0 and gives it back
+#    on igbvf with its original MAC, after a clean poweroff and after SIGKILL + cleanup.
+PFD=/sys/class/net/$PF/device
+echo 0 > $PFD/sriov_drivers_autoprobe    # igbvf probing mid PF re-init never recovers
+echo 2 > $PFD/sriov_numvfs
+sleep 1
+echo 1 > $PFD/sriov_drivers_autoprobe
+for v in $PFD/virtfn*; do basename "$(readlink "$v")" > /sys/bus/pci/drivers_probe; done
+i=0; until [ -e $PFD/virtfn0/driver ] || [ $i -ge 50 ]; do sleep 0.2; i=$((i + 1)); done
+echo "L1-HOST-VF $(vf_state "$PF" 0)"
+# This run's RAM is 2 MiB huge pages (pinned for DMA a huge page at a time).
+echo 256 > /proc/sys/vm/nr_hugepages
+echo "L1-HUGEPAGES free=$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages)"
+run_tandem borrow --kernel $L2_KERNEL --initramfs $L2_INITRD --memory size=512M,hugepages=on \
+  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:02,id=vf0" \
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+echo "L1-AFTER-BORROW $(vf_state "$PF" 0)"
+echo 0 > /proc/sys/vm/nr_hugepages
+
+printf 'IF=$(l2_if_by_driver igbvf) && echo "L2-VF-UP if=$IF mac=$(cat /sys/class/net/$IF/address)"\nsleep 600\n' \
+  | mkscript_disk /tmp/hold.img -
+run_bg killed $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:03,id=vf0" \
+  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+run_wait_for killed "L2-VF-UP" 300 && echo "L1-DURING-KILLED $(vf_state "$PF" 0)"
+run_signal killed KILL
+run_end killed
+echo "L1-AFTER-KILL $(vf_state "$PF" 0)"
+$TANDEM cleanup 2>&1 | sed 's/^/L1-CLEANUP /'
+echo "L1-AFTER-CLEANUP $(vf_state "$PF" 0)"
+
+# 3. --device on one of the two e1000e functions that share an IOMMU group (run-l1.sh):
+#    refused, naming the other one and its driver; nothing on the host changes.
+SIB=-
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x8086:0x10d3 ] && SIB=${d##*/}
+done
+echo "L1-GROUP dev=$SIB members=$(ls /sys/bus/pci/devices/$SIB/iommu_group/devices | tr '\n' ' ')"
+run_tandem shared --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --serial off \
+  --device path=/sys/bus/pci/devices/$SIB
+echo "L1-AFTER-SHARED driver=$(basename "$(readlink /sys/bus/pci/devices/$SIB/driver)") override=$(cat /sys/bus/pci/devices/$SIB/driver_override)"

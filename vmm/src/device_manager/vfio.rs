@@ -1,0 +1,251 @@
+//! Passthrough devices through VFIO: the VM's one KVM VFIO device and type-1 container,
+//! guest RAM mapped for the devices' DMA (IOVA = guest-physical address), and each
+//! device put on the PCI bus as a [`pci::VfioPciDevice`].
+//!
+//! Host prerequisites (an IOMMU group, interrupt remapping, the locked-memory limit)
+//! are checked before VFIO is touched, so failures name what is missing instead of
+//! surfacing as a bare errno from deep inside the container setup.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use kvm_ioctls::VmFd;
+use pci::vfio::{vector_count, HostVfioDevice};
+use pci::VfioPciDevice;
+use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
+use super::{DeviceError, DeviceManager, PciDeviceEntry};
+use crate::interrupt::KvmMsiVectors;
+use crate::vm::GuestMemory;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VfioHostError {
+    #[error(transparent)]
+    Host(#[from] HostCheckError),
+    #[error("cannot create the KVM VFIO device: {0}; the host kernel needs CONFIG_KVM_VFIO")]
+    KvmDevice(#[source] kvm_ioctls::Error),
+    #[error("cannot open the VFIO container: {0}; load vfio-pci (`modprobe vfio-pci`)")]
+    Container(#[source] vfio_ioctls::VfioError),
+    #[error("{bdf}: {reason}")]
+    Device { bdf: String, reason: String },
+    #[error("cannot map guest RAM at {gpa:#x} (+{mib} MiB) for device DMA: {source}{hint}")]
+    DmaMap {
+        gpa: u64,
+        mib: u64,
+        hint: &'static str,
+        #[source]
+        source: vfio_ioctls::VfioError,
+    },
+}
+
+/// How long mapping guest RAM for DMA took (the pinning of every page).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DmaMapStats {
+    pub bytes: u64,
+    pub elapsed: Duration,
+}
+
+impl DmaMapStats {
+    pub fn gib_per_s(&self) -> f64 {
+        (self.bytes as f64 / f64::from(1u32 << 30)) / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// The VM's VFIO state: created with the first passthrough device.
+pub(super) struct VfioHost {
+    container: Arc<VfioContainer>,
+    memory: GuestMemory,
+    /// Guest RAM regions mapped for DMA, as (IOVA, size).
+    mapped: Vec<(u64, u64)>,
+    stats: DmaMapStats,
+    interrupts: InterruptRemapping,
+}
+
+impl VfioHost {
+    fn new(vm: &VmFd, memory: GuestMemory, interrupts: InterruptRemapping) -> Result<Self, VfioHostError> {
+        let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+        let kvm_device = vm.create_device(&mut create).map_err(VfioHostError::KvmDevice)?;
+        let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_device))))
+            .map_err(VfioHostError::Container)?;
+        Ok(Self {
+            container: Arc::new(container),
+            memory,
+            mapped: Vec::new(),
+            stats: DmaMapStats::default(),
+            interrupts,
+        })
+    }
+
+    /// Opens the device's group into the container (the first group also selects the
+    /// type-1 IOMMU) and then, once per VM, maps guest RAM for DMA.
+    fn open(&mut self, sysfs: &Path) -> Result<Arc<VfioDevice>, VfioHostError> {
+        let bdf = bdf_of(sysfs);
+        let ops: Arc<dyn VfioOps> = self.container.clone();
+        let device = VfioDevice::new(sysfs, ops, false)
+            .map_err(|e| VfioHostError::Device { reason: explain_open_error(&e, sysfs), bdf: bdf.clone() })?;
+        if self.mapped.is_empty() {
+            self.map_guest_ram()?;
+        }
+        Ok(Arc::new(device))
+    }
+
+    /// One MAP_DMA per RAM region (at most two: below the PCI hole and above 4 GiB);
+    /// the kernel pins the pages in batches within each call.
+    fn map_guest_ram(&mut self) -> Result<(), VfioHostError> {
+        let start = Instant::now();
+        let regions: Vec<(u64, u64, *mut u8)> =
+            self.memory.iter().map(|r| (r.start_addr().0, r.len(), r.as_ptr())).collect();
+        for (gpa, len, host) in regions {
+            let size = usize::try_from(len).unwrap_or(usize::MAX);
+            // SAFETY: `host..host+len` is guest RAM, mapped for as long as the VM exists;
+            // the container (and with it the DMA mapping) is dropped before the RAM
+            // (DeviceManager before Vm), and Drop unmaps it first.
+            let mapped = unsafe { self.container.vfio_dma_map(gpa, size, host) };
+            mapped.map_err(|source| VfioHostError::DmaMap {
+                gpa,
+                mib: len >> 20,
+                hint: if is_errno(&source, libc::ENOMEM) {
+                    " (ENOMEM: usually the locked-memory limit; raise `ulimit -l` or run with CAP_IPC_LOCK)"
+                } else {
+                    ""
+                },
+                source,
+            })?;
+            self.mapped.push((gpa, len));
+            self.stats.bytes += len;
+        }
+        self.stats.elapsed = start.elapsed();
+        Ok(())
+    }
+}
+
+impl Drop for VfioHost {
+    fn drop(&mut self) {
+        for (iova, len) in self.mapped.drain(..) {
+            // Best effort: closing the container releases the mappings anyway.
+            let _ = self.container.vfio_dma_unmap(iova, usize::try_from(len).unwrap_or(usize::MAX));
+        }
+    }
+}
+
+fn is_errno(e: &vfio_ioctls::VfioError, errno: i32) -> bool {
+    match e {
+        vfio_ioctls::VfioError::IommuDmaMap(s) | vfio_ioctls::VfioError::ContainerSetIOMMU(s) => s.errno() == errno,
+        vfio_ioctls::VfioError::OpenGroup(io, _) => io.raw_os_error() == Some(errno),
+        _ => false,
+    }
+}
+
+/// vfio-ioctls' errors say which step failed, not why; add what sysfs can tell.
+fn explain_open_error(e: &vfio_ioctls::VfioError, sysfs: &Path) -> String {
+    use vfio_ioctls::VfioError as E;
+    let group = std::fs::read_link(sysfs.join("iommu_group"))
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "?".into());
+    match e {
+        E::OpenGroup(io, _) if io.raw_os_error() == Some(libc::EBUSY) => {
+            format!("IOMMU group {group} is already in use by another process (another VMM?)")
+        }
+        E::OpenGroup(io, _) if io.raw_os_error() == Some(libc::ENOENT) => {
+            format!("/dev/vfio/{group} does not exist: bind the device to vfio-pci first")
+        }
+        E::GroupViable => {
+            let others = group_members_on_host_drivers(sysfs);
+            format!(
+                "IOMMU group {group} is not viable: every device in it must be bound to vfio-pci or have no driver; \
+                 now bound elsewhere: {}",
+                if others.is_empty() {
+                    "none found (check /sys/kernel/iommu_groups)".into()
+                } else {
+                    others.join(", ")
+                }
+            )
+        }
+        E::ContainerSetIOMMU(s) | E::SetDeviceAttr(s) if s.errno() == libc::EPERM => {
+            HostCheckError::NoInterruptRemapping { why: String::new() }.to_string()
+        }
+        E::GroupSetContainer => format!(
+            "cannot add IOMMU group {group} to the VM's container (without interrupt remapping, a second group is \
+             refused unless allow_unsafe_interrupts is set): {e}"
+        ),
+        other => format!("VFIO refused the device: {other}"),
+    }
+}
+
+/// Devices sharing `sysfs`'s IOMMU group that a host driver other than vfio-pci holds,
+/// as "BDF (bound to DRIVER)".
+pub(super) fn group_members_on_host_drivers(sysfs: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(sysfs.join("iommu_group/devices")) else { return Vec::new() };
+    let me = bdf_of(sysfs);
+    let mut out: Vec<String> = entries
+        .flatten()
+        .filter_map(|e| {
+            let bdf = e.file_name().to_string_lossy().into_owned();
+            let driver = std::fs::read_link(e.path().join("driver")).ok()?;
+            let driver = driver.file_name()?.to_string_lossy().into_owned();
+            (bdf != me && !matches!(driver.as_str(), "vfio-pci" | "pci-stub" | "pcieport"))
+                .then(|| format!("{bdf} (bound to {driver})"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// What attaching a passthrough device did, for the user and the benchmarks.
+#[derive(Debug, Clone)]
+pub struct PassthroughReport {
+    pub id: String,
+    pub bdf: String,
+    pub slot: u8,
+    pub interrupts: InterruptRemapping,
+    /// Set for the device that mapped guest RAM (the VM's first).
+    pub dma: Option<DmaMapStats>,
+    pub attach: Duration,
+}
+
+impl DeviceManager {
+    /// Puts the host PCI device at `sysfs` (/sys/bus/pci/devices/BDF, bound to vfio-pci)
+    /// on the guest's PCI bus.
+    pub fn add_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<PassthroughReport, DeviceError> {
+        let start = Instant::now();
+        let bdf = bdf_of(sysfs);
+        let fail = |e: VfioHostError| DeviceError::Backend { id: id.to_string(), reason: e.to_string() };
+        let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
+        let first = pci.vfio.is_none();
+        if first {
+            let host = HostFiles::default();
+            host.check_iommu(&bdf).map_err(|e| fail(e.into()))?;
+            let interrupts = host.check_interrupt_remapping().map_err(|e| fail(e.into()))?;
+            let ram: u64 = pci.memory.iter().map(|r| r.len()).sum();
+            host.check_memlock(ram, memlock_limit()).map_err(|e| fail(e.into()))?;
+            pci.vfio = Some(VfioHost::new(&pci.vm, pci.memory.clone(), interrupts).map_err(fail)?);
+        }
+        let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
+        let device = vfio.open(sysfs).map_err(fail)?;
+        let ops = HostVfioDevice::new(device);
+        let vectors = Arc::new(KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?);
+        let dev = VfioPciDevice::new(Box::new(ops), vectors)
+            .map_err(|e| fail(VfioHostError::Device { bdf: bdf.clone(), reason: e.to_string() }))?;
+        let shared: pci::SharedPciDevice = Arc::new(Mutex::new(dev));
+        let slot = pci.segment.add(shared.clone())?;
+        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
+        Ok(PassthroughReport {
+            id: id.to_string(),
+            bdf,
+            slot,
+            interrupts: vfio.interrupts,
+            dma: first.then_some(vfio.stats),
+            attach: start.elapsed(),
+        })
+    }
+}
+
+/// The sysfs directory of a PCI address.
+pub fn pci_sysfs_path(bdf: &str) -> PathBuf {
+    Path::new("/sys/bus/pci/devices").join(bdf)
+}
