@@ -1,11 +1,12 @@
 //! SR-IOV VF passthrough with VFIO, in the nested bed with an emulated Intel IOMMU and an igb
 //! NIC (run-l1.sh --iommu --igb): L2 gets a VF with its own MSI-X and MAC and moves traffic
-//! over it; the VF goes back to the host exactly as it was after a poweroff, and after SIGKILL
-//! plus `tandem cleanup`; devices VFIO cannot isolate, and hosts without interrupt remapping,
+//! over it; the VF goes back to the host exactly as it was after a poweroff, after SIGTERM,
+//! and after SIGKILL plus `tandem cleanup`; devices VFIO cannot isolate, and hosts without interrupt remapping,
 //! are refused with a message that says what to do.
 //!
 //! The emulated igb has each VF alone in its IOMMU group, so the shared-group refusal is
-//! shown with `--device` on one of two e1000e functions that share a group (run-l1.sh).
+//! shown with `--device` on one of two e1000e functions that share a group (run-l1.sh); VFs
+//! have no INTx, so INTx is shown with QEMU's "edu" test device passed with `--device`.
 
 use std::sync::OnceLock;
 
@@ -81,6 +82,15 @@ fn a_borrowed_vf_returns_to_its_driver_and_mac_after_poweroff() {
 }
 
 #[test]
+fn a_vf_is_given_back_when_tandem_is_stopped_by_sigterm() {
+    let bed = bed();
+    let run = bed.run("term");
+    assert_eq!(run.rc, Some(128 + 15), "console:\n{}", run.console());
+    assert_eq!(kv(run.line("L2-VF-UP"), "mac"), Some("02:00:00:00:aa:04"));
+    assert_eq!(vf(l1(bed, "L1-AFTER-TERM")), vf(l1(bed, "L1-HOST-VF")));
+}
+
+#[test]
 fn a_killed_tandems_vf_is_restored_by_cleanup() {
     let bed = bed();
     let before = vf(l1(bed, "L1-HOST-VF"));
@@ -129,4 +139,22 @@ fn with_allow_unsafe_interrupts_the_vf_attaches_with_a_warning() {
     assert!(run.line("tandem: vf0:").contains("WARNING: interrupt remapping is OFF"), "{}", run.console());
     assert_eq!(kv(run.line("L2-VF-UP"), "mac"), Some("02:00:00:00:bb:02"));
     assert_eq!(vf(l1(bed, "L1-AFTER-UNSAFE")).3, "0");
+}
+
+#[test]
+fn a_device_with_intx_interrupts_the_guest_through_the_ioapic() {
+    let bed = bed();
+    let run = bed.run("intx");
+    assert_eq!(run.rc, Some(0), "console:\n{}", run.console());
+    let edu = run.line("L2-EDU");
+    // A register round trip through the BAR (mapped into the guest), the INTx pin shown.
+    assert_eq!((kv(edu, "ident"), kv(edu, "liveness")), (Some("0x010000ED"), Some("0xEDCBA987")), "{edu}");
+    assert_eq!((kv(edu, "driver"), kv(edu, "pin")), (Some("uio_pci_generic"), Some("1")), "{edu}");
+    let intx = run.line("L2-INTX");
+    let n = |k| kv(intx, k).and_then(|v| v.parse::<u64>().ok()).unwrap_or_else(|| panic!("{k} in {intx}"));
+    assert!(n("after") > n("before"), "the device's interrupt never reached the guest: {intx}");
+    let irq = run.line("L2-IRQ");
+    assert!(irq.contains("IO-APIC") && irq.contains("fasteoi"), "not a level IOAPIC line: {irq}");
+    // It had no driver on the host before; it has none again.
+    assert_eq!(l1(bed, "L1-AFTER-INTX"), "L1-AFTER-INTX driver=");
 }

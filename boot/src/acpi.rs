@@ -3,7 +3,9 @@
 //! The DSDT describes PCI segment 0 as a PCI Express root (PNP0A08) whose config space
 //! is the ECAM window in the MCFG, with its bus, I/O and memory windows in `_CRS`; the
 //! ECAM window is also claimed as a motherboard resource (PNP0C02), which is what Linux
-//! checks before it trusts MCFG.
+//! checks before it trusts MCFG. Its `_PRT` tells the guest which GSI each slot's
+//! INTA# to INTD# is wired to (`layout::pci_intx_gsi`); the guest has no other way to
+//! learn PCI legacy interrupt routing.
 //!
 //! The platform is *hardware-reduced* ACPI: no PM1 blocks, no SCI, no GPEs, no
 //! FACS. Power-off and reset go through one byte-wide I/O register at
@@ -20,8 +22,8 @@
 //! vector (see `reset_vector`).
 
 use acpi_tables::aml::{
-    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, Path,
-    ResourceTemplate, Scope, IO,
+    AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, PackageBuilder,
+    Path, ResourceTemplate, Scope, IO, ZERO,
 };
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace as GasSpace, GAS};
@@ -33,8 +35,8 @@ use acpi_tables::{Aml, AmlSink};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 
 use crate::layout::{
-    MemoryLayout, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT, IOAPIC_ADDR,
-    LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
+    pci_intx_gsi, MemoryLayout, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT,
+    IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
     PIT_IOAPIC_PIN, RESET_VECTOR, RTC_IRQ, RTC_PORT,
 };
 use crate::reset_vector::{write_reset_vector, ResetVectorError};
@@ -77,6 +79,12 @@ const ALL_PROCESSORS: u8 = 0xff;
 const INTI_CONFORMING: u16 = 0;
 /// APIC ID 0xff means "invalid" to Linux, and the IOAPIC takes ID `num_cpus`.
 pub const MAX_CPUS: u8 = 254;
+/// Device slots of PCI bus 0 that get `_PRT` entries: all but the host bridge's (0).
+const PCI_DEVICE_SLOTS: std::ops::RangeInclusive<u8> = 1..=31;
+/// `_PRT` pins are 0 to 3 for INTA# to INTD# (config space says 1 to 4).
+const PCI_INTX_PINS: std::ops::Range<u8> = 0..4;
+/// A `_PRT` address: the device in the high word, 0xFFFF for "any function".
+const PRT_ANY_FUNCTION: u32 = 0xffff;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AcpiError {
@@ -306,7 +314,28 @@ fn pci_root(layout: &MemoryLayout) -> Vec<u8> {
     );
     let crs = ResourceTemplate::new(vec![&buses, &cf8, &io, &mmio32, &mmio64]);
     let crs = Name::new(Path::new("_CRS"), &crs);
-    bytes(&Device::new(Path::new("PCI0"), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs]))
+    let prt = Name::new(Path::new("_PRT"), &pci_routing_table());
+    bytes(&Device::new(Path::new("PCI0"), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt]))
+}
+
+/// `_PRT`: for each device slot of bus 0 and each pin INTA# to INTD#, the GSI
+/// `layout::pci_intx_gsi` wires it to, as `Package { Address, Pin, Source, SourceIndex }`
+/// with Source 0, which makes SourceIndex a GSI. GSI entries need no link devices
+/// (`_PRS`/`_SRS` that nothing here could reprogram), and Linux configures them
+/// level-triggered, active-low: the level part is what a VFIO device's resample irqfd
+/// needs; the polarity is ignored by KVM's IOAPIC, which takes the irqfd's
+/// assertion as the line's. Every slot is listed, used or not, so a device plugged
+/// later is routed too.
+fn pci_routing_table() -> PackageBuilder {
+    let mut prt = PackageBuilder::new();
+    for slot in PCI_DEVICE_SLOTS {
+        for pin in PCI_INTX_PINS {
+            let address = u32::from(slot) << 16 | PRT_ANY_FUNCTION;
+            let gsi = pci_intx_gsi(slot, pin + 1);
+            prt.add_element(&Package::new(vec![&address, &pin, &ZERO, &gsi]));
+        }
+    }
+    prt
 }
 
 /// Resources the platform itself decodes: the ECAM window. Linux uses MCFG only when
@@ -494,6 +523,98 @@ mod tests {
         let mut qword = layout.mmio64_start().to_le_bytes().to_vec();
         qword.extend_from_slice(&(layout.mmio64_end() - 1).to_le_bytes());
         assert!(find(&qword));
+    }
+
+    /// Reads an AML PkgLength at `at`: (length, bytes it took).
+    fn pkg_length(b: &[u8], at: usize) -> (usize, usize) {
+        let lead = b[at];
+        let follow = usize::from(lead >> 6);
+        if follow == 0 {
+            return (usize::from(lead & 0x3f), 1);
+        }
+        let mut len = usize::from(lead & 0x0f);
+        for i in 0..follow {
+            len |= usize::from(b[at + 1 + i]) << (4 + 8 * i);
+        }
+        (len, 1 + follow)
+    }
+
+    /// Reads an AML integer constant at `at`: (value, bytes it took).
+    fn integer(b: &[u8], at: usize) -> (u64, usize) {
+        match b[at] {
+            0x00 => (0, 1),
+            0x01 => (1, 1),
+            0x0a => (u64::from(b[at + 1]), 2),
+            0x0b => (u64::from(u16::from_le_bytes([b[at + 1], b[at + 2]])), 3),
+            0x0c => (u64::from(u32_at(b, at + 1)), 5),
+            op => panic!("not an integer constant: {op:#04x} at {at}"),
+        }
+    }
+
+    /// The `_PRT` package of a DSDT as (address, pin, source, source index) entries.
+    fn prt_entries(dsdt: &[u8]) -> Vec<(u64, u64, u64, u64)> {
+        let name = [0x08, b'_', b'P', b'R', b'T', 0x12];
+        let at = dsdt.windows(name.len()).position(|w| w == name).expect("a _PRT") + name.len();
+        let (len, took) = pkg_length(dsdt, at);
+        let end = at + len;
+        let count = usize::from(dsdt[at + took]);
+        let mut next = at + took + 1;
+        let mut entries = Vec::new();
+        while next < end {
+            assert_eq!(dsdt[next], 0x12, "each entry is a package");
+            let (len, took) = pkg_length(dsdt, next + 1);
+            let entry_end = next + 1 + len;
+            assert_eq!(dsdt[next + 1 + took], 4, "of four elements");
+            let mut at = next + 2 + took;
+            let mut fields = [0u64; 4];
+            for field in &mut fields {
+                let (value, took) = integer(dsdt, at);
+                *field = value;
+                at += took;
+            }
+            assert_eq!(at, entry_end);
+            entries.push((fields[0], fields[1], fields[2], fields[3]));
+            next = entry_end;
+        }
+        assert_eq!(next, end);
+        assert_eq!(entries.len(), count, "the package's element count");
+        entries
+    }
+
+    #[test]
+    fn prt_routes_every_slot_and_pin_to_its_gsi() {
+        let dsdt = dsdt(&layout());
+        let entries = prt_entries(&dsdt);
+        assert_eq!(entries.len(), 31 * 4);
+        for (i, &(address, pin, source, gsi)) in entries.iter().enumerate() {
+            let slot = (i / 4 + 1) as u8;
+            assert_eq!(address, u64::from(slot) << 16 | 0xffff, "entry {i}");
+            assert_eq!(pin, (i % 4) as u64);
+            assert_eq!(source, 0, "a GSI, no link device");
+            assert_eq!(gsi, u64::from(pci_intx_gsi(slot, pin as u8 + 1)));
+            assert!((16..24).contains(&gsi));
+        }
+        // 00:01 INTA# on GSI 17, 00:07 INTB# on 16, 00:1f INTD# on 18.
+        assert!(entries.contains(&(0x1_ffff, 0, 0, 17)));
+        assert!(entries.contains(&(0x7_ffff, 1, 0, 16)));
+        assert!(entries.contains(&(0x1f_ffff, 3, 0, 18)));
+        // Under PCI0: the device's PkgLength covers the _PRT.
+        let pci0 = dsdt.windows(4).position(|w| w == b"PCI0").unwrap();
+        let prt = dsdt.windows(4).position(|w| w == b"_PRT").unwrap();
+        // DeviceOp is ExtOpPrefix 0x5b 0x82, then the PkgLength, then the name.
+        let device = dsdt[..pci0].windows(2).rposition(|w| w == [0x5b, 0x82]).unwrap();
+        let (len, _) = pkg_length(&dsdt, device + 2);
+        assert!(pci0 < prt && prt < device + 2 + len);
+    }
+
+    #[test]
+    fn the_ioapic_has_the_inputs_the_prt_names() {
+        // The MADT's one IOAPIC starts at GSI 0; KVM's has IOAPIC_PINS inputs.
+        let madt = madt(1);
+        let io = madt_entries(&madt).into_iter().find(|e| e.0 == MADT_IO_APIC).unwrap().1;
+        assert_eq!(u32_at(io, 8), 0);
+        let top = prt_entries(&dsdt(&layout())).iter().map(|e| e.3).max().unwrap();
+        assert!(top < u64::from(crate::layout::IOAPIC_PINS));
     }
 
     #[test]

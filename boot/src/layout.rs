@@ -100,6 +100,38 @@ pub const RTC_IRQ: u32 = 8;
 /// here and both tables follow.
 pub const PIT_IOAPIC_PIN: u8 = 0;
 
+/// The input pins of KVM's in-kernel IOAPIC (`KVM_IOAPIC_NUM_PINS`): GSIs 0 to 23.
+/// The MADT gives the IOAPIC GSI base 0; the guest reads the pin count from the
+/// IOAPIC's version register, so no table repeats it.
+pub const IOAPIC_PINS: u32 = 24;
+/// The legacy interrupts (INTx) of PCI bus 0 arrive on the eight IOAPIC inputs above
+/// the 16 ISA IRQs, [PCI_INTX_GSI_BASE, PCI_INTX_GSI_BASE + PCI_INTX_GSIS). Nothing
+/// else is wired there: ISA devices use 0 to 15, and the VMM hands MSIs GSIs from
+/// IOAPIC_PINS up.
+pub const PCI_INTX_GSI_BASE: u32 = 16;
+pub const PCI_INTX_GSIS: u32 = 8;
+const _: () = assert!(PCI_INTX_GSI_BASE >= 16 && PCI_INTX_GSI_BASE + PCI_INTX_GSIS <= IOAPIC_PINS);
+
+/// The GSI (the IOAPIC input, with KVM's identity routing of GSIs 0 to 23) that
+/// interrupt pin `pin` (1 to 4: INTA# to INTD#) of the device in `slot` of bus 0 is
+/// wired to. The DSDT's `_PRT` describes exactly this map (see `acpi`), and the VMM
+/// connects a device's INTx irqfd to the same GSI.
+///
+/// The swizzle is a PCI-to-PCI bridge's, spread over eight lines instead of four:
+/// `slot + pin - 1`, modulo 8. INTA# of eight neighbouring slots (the pin nearly every
+/// single-function device uses) lands on eight different GSIs, and the pins of one
+/// device on four. More devices than lines share them, which level-triggered INTx
+/// allows.
+///
+/// Total, so a bad value can never panic: `slot` is taken modulo 32 and `pin - 1`
+/// modulo 4 (pin 0, "no INTx", maps like INTD#; callers only ask for a pin the device
+/// has).
+pub const fn pci_intx_gsi(slot: u8, pin: u8) -> u32 {
+    let slot = (slot & 0x1f) as u32;
+    let pin_index = (pin.wrapping_sub(1) & 0x3) as u32;
+    PCI_INTX_GSI_BASE + (slot + pin_index) % PCI_INTX_GSIS
+}
+
 /// Page size used for alignment checks.
 pub const PAGE_SIZE: u64 = 0x1000;
 /// The smallest guest this layout accepts. The boot data needs only the first MiB, but
@@ -247,6 +279,37 @@ mod tests {
         for pair in areas.windows(2) {
             assert!(pair[0].1 <= pair[1].0, "{pair:x?} overlap");
         }
+    }
+
+    #[test]
+    fn pci_intx_gsis_are_ioapic_inputs_16_to_23_spread_over_neighbours() {
+        assert_eq!(pci_intx_gsi(1, 1), 17);
+        assert_eq!(pci_intx_gsi(1, 4), 20);
+        assert_eq!(pci_intx_gsi(7, 2), 16);
+        assert_eq!(pci_intx_gsi(31, 4), 18);
+        let mut uses = [0u32; PCI_INTX_GSIS as usize];
+        for slot in 1..32u8 {
+            let pins: Vec<u32> = (1..=4).map(|pin| pci_intx_gsi(slot, pin)).collect();
+            for &gsi in &pins {
+                assert!((16..IOAPIC_PINS).contains(&gsi), "slot {slot}: GSI {gsi}");
+                uses[(gsi - PCI_INTX_GSI_BASE) as usize] += 1;
+            }
+            let mut distinct = pins.clone();
+            distinct.sort_unstable();
+            distinct.dedup();
+            assert_eq!(distinct.len(), 4, "the pins of slot {slot} share no line");
+        }
+        // 124 slot/pin pairs over 8 lines: 15 or 16 each.
+        assert!(uses.iter().all(|&n| n == 15 || n == 16), "{uses:?}");
+        // INTA# of eight neighbouring slots: eight different lines.
+        let mut inta: Vec<u32> = (9..17).map(|slot| pci_intx_gsi(slot, 1)).collect();
+        inta.sort_unstable();
+        inta.dedup();
+        assert_eq!(inta.len(), 8);
+        // Out-of-range input wraps instead of panicking.
+        assert_eq!(pci_intx_gsi(33, 1), pci_intx_gsi(1, 1));
+        assert_eq!(pci_intx_gsi(1, 0), pci_intx_gsi(1, 4));
+        assert_eq!(pci_intx_gsi(255, 255), pci_intx_gsi(31, 3));
     }
 
     #[test]

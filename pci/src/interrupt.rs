@@ -16,6 +16,9 @@
 //!
 //! A vector is first enabled when the guest first lets it fire (function enabled,
 //! vector unmasked), so vectors a driver never uses cost no route.
+//!
+//! A device's legacy interrupt (INTx) leaves it through an [`IntxLine`]: two eventfds
+//! the VMM wires to a level-triggered GSI.
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -62,6 +65,25 @@ pub trait MsiVectors: Send + Sync {
     /// The eventfd whose signal delivers `vector` inside KVM (its irqfd), for sources
     /// that can signal it without going through the device model.
     fn notifier(&self, vector: u16) -> Option<&EventFd>;
+}
+
+/// The legacy interrupt line (INTx) of one device, as the VMM wires it: a KVM irqfd
+/// with a resample eventfd (`KVM_IRQFD_FLAG_RESAMPLE`) on the GSI the platform routes
+/// the device's slot and pin to (`boot::layout::pci_intx_gsi`, described to the guest
+/// by the DSDT's `_PRT`).
+///
+/// INTx is level-triggered: a signal on [`trigger`](Self::trigger) asserts the GSI,
+/// and it stays asserted until the guest's EOI, when KVM deasserts it and signals
+/// [`resample`](Self::resample). A source that keeps its line masked until then (VFIO
+/// masks a device's INTx on each interrupt) unmasks on that signal, and asserts again
+/// if the device still does. The device model only hands the two eventfds on; it
+/// never reads or writes them.
+pub trait IntxLine: Send + Sync {
+    /// Signalled to assert the line (the irqfd).
+    fn trigger(&self) -> &EventFd;
+
+    /// Signalled by KVM when the guest has serviced the line (the irqfd's resamplefd).
+    fn resample(&self) -> &EventFd;
 }
 
 /// What the VMM was last told about one vector; see the module documentation.
@@ -182,6 +204,28 @@ pub(crate) mod testing {
 
         fn push(&self, call: Call) {
             self.calls.lock().unwrap().push(call);
+        }
+    }
+
+    /// An `IntxLine` over two plain eventfds.
+    pub struct EventFdLine {
+        trigger: EventFd,
+        resample: EventFd,
+    }
+
+    impl EventFdLine {
+        pub fn new() -> Self {
+            let fd = || EventFd::new(libc::EFD_NONBLOCK).unwrap();
+            Self { trigger: fd(), resample: fd() }
+        }
+    }
+
+    impl IntxLine for EventFdLine {
+        fn trigger(&self) -> &EventFd {
+            &self.trigger
+        }
+        fn resample(&self) -> &EventFd {
+            &self.resample
         }
     }
 

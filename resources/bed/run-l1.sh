@@ -18,8 +18,8 @@
 #                  adds intel_iommu=on iommu=pt to L1's command line
 #   --igb          an igb NIC (SR-IOV capable, up to 7 VFs) on a PCIe root port, its backend a
 #                  tap (tap0, 10.98.0.1/24) in a network namespace made here and removed on
-#                  every exit (no traffic leaves that namespace), and two e1000e functions
-#                  that share an IOMMU group (see below)
+#                  every exit (no traffic leaves that namespace), two e1000e functions
+#                  that share an IOMMU group, and an "edu" test device (see below)
 #   --timeout SEC  kill L0's QEMU after SEC seconds (default 900; exit status then 124)
 #   --append STR   more L1 kernel command line (tandem.l1_verbose=1 keeps L1's kernel
 #                  messages on the console after module loading)
@@ -98,13 +98,17 @@ if [ $IGB = 1 ]; then
   # their frames as its own. Behind a second root port, two e1000e functions of one slot
   # (no backends): they lack ACS (and, unlike the igb, Linux has no quirk calling them
   # isolated), so they share an IOMMU group and L1's e1000e driver binds both: a device
-  # whose group holds another device bound to a host driver, for the refusal tests.
+  # whose group holds another device bound to a host driver, for the refusal tests. Behind
+  # a third, QEMU's "edu" test device: a function with INTx (VFs have none), whose
+  # interrupt a guest can raise with one register write.
   ARGS+=(-device pcie-root-port,id=rp1,chassis=1,slot=1
          -netdev tap,id=n0,ifname=tap0,script=no,downscript=no
          -device igb,netdev=n0,bus=rp1,romfile=,mac=52:54:00:7a:4d:01
          -device pcie-root-port,id=rp2,chassis=2,slot=2
          -device e1000e,bus=rp2,addr=0.0,multifunction=on,romfile=,mac=52:54:00:7a:4d:02
-         -device e1000e,bus=rp2,addr=0.1,romfile=,mac=52:54:00:7a:4d:03)
+         -device e1000e,bus=rp2,addr=0.1,romfile=,mac=52:54:00:7a:4d:03
+         -device pcie-root-port,id=rp3,chassis=3,slot=3
+         -device edu,bus=rp3)
   RUN=(ip netns exec "$NS")
 fi
 [ -z "$APPEND" ] || CMDLINE="$CMDLINE $APPEND"

@@ -21,9 +21,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
 . "$RES/bench/common.sh"
 
-bench_args "$@"
-"$RES/build-images.sh" >&2
-bench_tandem
+bench_setup "$@"
 
 bench_in_l1 blk "$RES/bench/blk-l1.sh" "2 x $SECS s" randread_iops seq_mbps
 echo "blk_randread_ratio=$(bench_paired_ratio "$BENCH_LINES" randread_iops)" "blk_seq_ratio=$(bench_paired_ratio "$BENCH_LINES" seq_mbps)"

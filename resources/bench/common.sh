@@ -18,6 +18,13 @@ bench_args() {
   [ "$RUNS" -gt 0 ] && [ "$SECS" -gt 0 ] || die "--runs and --secs take numbers > 0"
 }
 
+# bench_setup "$@" : bench_args, the guest images, and the tandem binary (bench_tandem).
+bench_setup() {
+  bench_args "$@"
+  "$RES/build-images.sh" >&2
+  bench_tandem
+}
+
 # bench_tandem : TANDEM = $TANDEM_BIN, or the release build of tandem-vmm.
 bench_tandem() {
   cd "$ROOT"

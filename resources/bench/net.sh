@@ -20,9 +20,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
 . "$RES/bench/common.sh"
 
-bench_args "$@"
-"$RES/build-images.sh" >&2
-bench_tandem
+bench_setup "$@"
 
 bench_in_l1 net "$RES/bench/net-l1.sh" "$((SECS + 1)) s each way" tx_mbps rx_mbps
 echo "net_tx_ratio=$(bench_paired_ratio "$BENCH_LINES" tx_mbps)" "net_rx_ratio=$(bench_paired_ratio "$BENCH_LINES" rx_mbps)"

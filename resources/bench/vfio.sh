@@ -17,9 +17,7 @@ set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
 . "$RES/bench/common.sh"
 
-bench_args "$@"
-"$RES/build-images.sh" >&2
-bench_tandem
+bench_setup "$@"
 
 BENCH_L1_ARGS="--iommu --igb"
 bench_in_l1 vfio "$RES/bench/vfio-l1.sh" "3 boots" probe_ms attach_ms

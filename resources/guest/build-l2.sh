@@ -15,9 +15,11 @@ set -euo pipefail
 # Modules loaded by L2's /init, in this order (dependencies are added automatically):
 # virtio over PCI (the transport of Tandem's PCI devices), its net and block drivers, and
 # net_failover (virtio_net needs it, for VIRTIO_NET_F_STANDBY). /init skips the modules named
-# virtio* and *failover when the guest has no virtio device (see guest/init.sh), and igbvf,
-# the driver of the igb VFs the VFIO tests pass through.
-L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover igbvf"}
+# virtio* and *failover when the guest has no virtio device (see guest/init.sh), igbvf, the
+# driver of the igb VFs the VFIO tests pass through, and uio_pci_generic, which lets a test
+# script field the INTx of a passed-through QEMU "edu" device (each only when that device
+# is there).
+L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover igbvf uio_pci_generic"}
 
 IPERF=/usr/bin/iperf3
 BB=$CACHE/blkbench

@@ -33,18 +33,24 @@ mount -t devtmpfs devtmpfs /dev
 # The virtio ones (virtio*, *failover) only when there is a virtio device: a virtio PCI
 # function (vendor 0x1af4) or a virtio-mmio one in ACPI (LNRO0005). Loading them costs
 # 0.5-1 s of a nested boot, which the boot benchmark would otherwise pay for nothing.
-# Likewise igbvf (and its dependencies) only when an igb VF (8086:10ca) was passed through.
-virtio=0 igbvf=0
+# Likewise igbvf only when an igb VF (8086:10ca) was passed through, and uio (for QEMU's
+# edu test device, 1234:11e8) only with one.
+virtio=0 igbvf=0 edu=0
 for d in /sys/bus/pci/devices/*; do
   [ -e "$d/vendor" ] || continue
   read -r id < "$d/vendor"
-  [ "$id" = 0x1af4 ] && virtio=1
-  [ "$id" = 0x8086 ] && read -r dev < "$d/device" && [ "$dev" = 0x10ca ] && igbvf=1
+  read -r dev < "$d/device"
+  case $id:$dev in
+    0x1af4:*) virtio=1 ;;
+    0x8086:0x10ca) igbvf=1 ;;
+    0x1234:0x11e8) edu=1 ;;
+  esac
 done
 [ -e /sys/bus/acpi/devices/LNRO0005:00 ] && virtio=1
 while read -r m; do
   case $virtio$m in 0virtio*|0*failover) continue ;; esac
   case $igbvf$m in 0igbvf) continue ;; esac
+  case $edu$m in 0uio*) continue ;; esac
   insmod "/modules/$m.ko" || echo "INSMOD-FAIL $m"
 done < /modules/order
 

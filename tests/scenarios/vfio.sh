@@ -27,7 +27,8 @@ echo "L1-AFTER-CREATE $(vf_state "$PF" 0)"
 ls /run/tandem/vf/ 2>/dev/null | sed 's/^/L1-JOURNAL-LEFT /'
 
 # 2. VFs the host made (autoprobe on, VF 0 on igbvf): Tandem borrows VF 0 and gives it back
-#    on igbvf with its original MAC, after a clean poweroff and after SIGKILL + cleanup.
+#    on igbvf with its original MAC, after a clean poweroff, after SIGTERM, and after
+#    SIGKILL + cleanup.
 PFD=/sys/class/net/$PF/device
 echo 0 > $PFD/sriov_drivers_autoprobe    # igbvf probing mid PF re-init never recovers
 echo 2 > $PFD/sriov_numvfs
@@ -47,6 +48,13 @@ echo 0 > /proc/sys/vm/nr_hugepages
 
 printf 'IF=$(l2_if_by_driver igbvf) && echo "L2-VF-UP if=$IF mac=$(cat /sys/class/net/$IF/address)"\nsleep 600\n' \
   | mkscript_disk /tmp/hold.img -
+run_bg term $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:04,id=vf0" \
+  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+run_wait_for term "L2-VF-UP" 300 && run_signal term TERM
+run_end term
+echo "L1-AFTER-TERM $(vf_state "$PF" 0)"
+
 run_bg killed $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --vf "pf=$PF,index=0,mac=02:00:00:00:aa:03,id=vf0" \
   --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
@@ -67,3 +75,33 @@ echo "L1-GROUP dev=$SIB members=$(ls /sys/bus/pci/devices/$SIB/iommu_group/devic
 run_tandem shared --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --serial off \
   --device path=/sys/bus/pci/devices/$SIB
 echo "L1-AFTER-SHARED driver=$(basename "$(readlink /sys/bus/pci/devices/$SIB/driver)") override=$(cat /sys/bus/pci/devices/$SIB/driver_override)"
+
+# 4. INTx, which VFs lack: QEMU's edu device (pin A, MSI but no MSI-X) passed with --device.
+#    The guest binds uio_pci_generic (INTx only), checks a register round trip through the
+#    BAR, raises the device's interrupt with a register write and counts it.
+EDU=-
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1234:0x11e8 ] && EDU=${d##*/}
+done
+cat > /tmp/edu.sh <<'L2'
+E=-
+for d in /sys/bus/pci/devices/*; do
+  [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1234:0x11e8 ] && E=$d
+done
+echo "1234 11e8" > /sys/bus/pci/drivers/uio_pci_generic/new_id
+B=$(( $(awk 'NR == 1 { print $1 }' "$E/resource") ))
+devmem $((B + 4)) 32 0x12345678
+echo "L2-EDU ident=$(devmem $B 32) liveness=$(devmem $((B + 4)) 32) driver=$(basename "$(readlink "$E/driver")") pin=$(od -An -tu1 -j 61 -N 1 "$E/config" | tr -d ' ')"
+before=$(l2_irq_count uio_pci_generic)
+devmem $((B + 0x60)) 32 1
+sleep 1
+after=$(l2_irq_count uio_pci_generic)
+devmem $((B + 0x64)) 32 1
+echo "L2-INTX before=$before after=$after"
+grep uio_pci_generic /proc/interrupts | tr -s ' ' | sed 's/^/L2-IRQ /'
+L2
+mkscript_disk /tmp/edu.img /tmp/edu.sh
+run_tandem intx --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
+  --device "path=/sys/bus/pci/devices/$EDU,id=edu" \
+  --disk path=/tmp/edu.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+echo "L1-AFTER-INTX driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null)"

@@ -223,6 +223,43 @@ impl KvmMsiVectors {
     }
 }
 
+/// A passthrough device's INTx: a KVM irqfd on an IOAPIC input (level-triggered) with a
+/// resample eventfd, which KVM signals when the guest EOIs the line so that VFIO unmasks
+/// the device's interrupt (VFIO masks it on every assertion, as a level line must be).
+pub struct KvmIntxLine {
+    vm: Arc<VmFd>,
+    gsi: u32,
+    trigger: EventFd,
+    resample: EventFd,
+}
+
+impl KvmIntxLine {
+    pub fn new(vm: Arc<VmFd>, gsi: u32) -> Result<Self, InterruptError> {
+        let trigger = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        let resample = EventFd::new(libc::EFD_NONBLOCK).map_err(InterruptError::EventFd)?;
+        vm.register_irqfd_with_resample(&trigger, &resample, gsi)
+            .map_err(|source| InterruptError::Routing { routes: 1, source })?;
+        Ok(Self { vm, gsi, trigger, resample })
+    }
+}
+
+impl Drop for KvmIntxLine {
+    fn drop(&mut self) {
+        // KVM lowers the line as it drops the irqfd; nothing to do if it is already gone.
+        let _ = self.vm.unregister_irqfd(&self.trigger, self.gsi);
+    }
+}
+
+impl pci::IntxLine for KvmIntxLine {
+    fn trigger(&self) -> &EventFd {
+        &self.trigger
+    }
+
+    fn resample(&self) -> &EventFd {
+        &self.resample
+    }
+}
+
 impl pci::MsiVectors for KvmMsiVectors {
     fn enable(&self, vector: u16, msg: pci::MsiMessage) {
         if let Some(v) = self.vectors.get(usize::from(vector)) {

@@ -4,7 +4,8 @@
 //! Each byte of the standard 256 is either *emulated* (the shadow answers, under its
 //! masks) or *live* (read from and written to the device through VFIO):
 //! - emulated: the header (identity from the device; header type without the
-//!   multifunction bit; interrupt pin 0, since INTx is not offered yet), the BARs
+//!   multifunction bit; the interrupt pin 0 until the VMM wires the device's INTx,
+//!   then the device's; the interrupt line the guest's scratch byte), the BARs
 //!   (sizes from VFIO's region sizes, kind and prefetch from the device's BAR low
 //!   bits), the expansion ROM (absent: reads 0 whatever the device has), every
 //!   capability header (the list is relinked), the MSI and MSI-X capabilities (Tandem
@@ -30,8 +31,8 @@ use std::ops::Range;
 
 use crate::config::{
     access_range, overlay, ranges_overlap, BarChange, BarKind, BarSpec, ConfigError, PciConfiguration, PciHeader, BAR0,
-    CAPABILITIES_POINTER, CLASS_CODE, COMMAND, DEVICE_ID, HEADER_TYPE, NUM_BARS, REVISION_ID, STATUS, STATUS_CAP_LIST,
-    STATUS_WRITE_1_TO_CLEAR, SUBSYSTEM_ID, SUBSYSTEM_VENDOR_ID, VENDOR_ID,
+    CAPABILITIES_POINTER, CLASS_CODE, COMMAND, DEVICE_ID, HEADER_TYPE, INTERRUPT_PIN, NUM_BARS, REVISION_ID, STATUS,
+    STATUS_CAP_LIST, STATUS_WRITE_1_TO_CLEAR, SUBSYSTEM_ID, SUBSYSTEM_VENDOR_ID, VENDOR_ID,
 };
 use crate::msi::{
     MAX_MSI_VECTORS, MSI_ADDRESS_HI_OFFSET, MSI_ADDRESS_LO_OFFSET, MSI_CAPABILITY_ID, MSI_CAPABILITY_LEN,
@@ -50,6 +51,8 @@ const HEADER_TYPE_MASK: u8 = 0x7f;
 const MIN_GNT: usize = 0x3e;
 /// 66 MHz capable, fast back-to-back capable, DEVSEL timing: read-only, copied.
 const STATUS_INFO_BITS: u16 = 0x06a0;
+/// Status bit 3: the function is asserting INTx.
+const STATUS_INTERRUPT: u16 = 0x0008;
 
 const PM_CAPABILITY_ID: u8 = 0x01;
 const VENDOR_CAPABILITY_ID: u8 = 0x09;
@@ -153,6 +156,8 @@ pub struct ConfigWrite {
     pub msix_control: Option<u16>,
     /// The MSI capability in the layout `Msi::update` takes, if the write touched it.
     pub msi: Option<[u8; MSI_CAPABILITY_LEN]>,
+    /// The command register as the guest left it, if the write touched it.
+    pub command: Option<u16>,
     /// The first device access that failed.
     pub error: Option<VfioOpsError>,
 }
@@ -164,6 +169,8 @@ pub struct VfioConfig {
     live: [bool; STANDARD_SPACE],
     msix: Option<MsixCapability>,
     msi: Option<MsiCapability>,
+    /// The device's interrupt pin (1 to 4: INTA# to INTD#), if it has one.
+    intx_pin: Option<u8>,
 }
 
 fn u16_at(dev: &[u8], offset: usize) -> u16 {
@@ -213,7 +220,8 @@ impl VfioConfig {
             prog_if: dev[CLASS_CODE],
             subsystem_vendor_id: u16_at(&dev, SUBSYSTEM_VENDOR_ID),
             subsystem_id: u16_at(&dev, SUBSYSTEM_ID),
-            // INTx is not offered (VFs have none): drivers use MSI or MSI-X.
+            // Until the VMM wires INTx (`show_interrupt_pin`), drivers see none and use
+            // MSI or MSI-X.
             interrupt_pin: 0,
         });
         // The guest sees one function in this slot, whatever the host's slot holds.
@@ -222,7 +230,10 @@ impl VfioConfig {
         shadow.set_bytes(MIN_GNT, &dev[MIN_GNT..MIN_GNT + 2]);
         add_bars(&mut shadow, ops, &dev)?;
 
-        let mut config = Self { shadow, live: [false; STANDARD_SPACE], msix: None, msi: None };
+        // vfio-pci shows pin 0 for a function whose INTx it does not offer; anything
+        // above 4 is no pin either.
+        let intx_pin = Some(dev[INTERRUPT_PIN]).filter(|pin| (1..=4).contains(pin));
+        let mut config = Self { shadow, live: [false; STANDARD_SPACE], msix: None, msi: None, intx_pin };
         config.add_capabilities(&dev)?;
         config.check_msix_location()?;
         Ok(config)
@@ -356,6 +367,18 @@ impl VfioConfig {
         self.msi
     }
 
+    /// The device's interrupt pin, 1 to 4, if it has one.
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx_pin
+    }
+
+    /// Shows the guest the device's interrupt pin: its INTx is wired.
+    pub fn show_interrupt_pin(&mut self) {
+        if let Some(pin) = self.intx_pin {
+            self.shadow.set_u8(INTERRUPT_PIN, pin);
+        }
+    }
+
     pub fn bars(&self) -> Vec<BarSpec> {
         self.shadow.bars()
     }
@@ -406,8 +429,11 @@ impl VfioConfig {
             let mut live = [0; 2];
             match ops.read_region(CONFIG_REGION, STATUS as u64, &mut live) {
                 Ok(()) => {
-                    let errors = u16::from_le_bytes(live) & STATUS_WRITE_1_TO_CLEAR;
-                    let status = self.shadow.status() & !STATUS_WRITE_1_TO_CLEAR | errors;
+                    // The error bits and INTx's Interrupt Status are the device's own: a
+                    // shared-line handler (pci_check_and_mask_intx) reads the latter.
+                    let live_bits = STATUS_WRITE_1_TO_CLEAR | STATUS_INTERRUPT;
+                    let errors = u16::from_le_bytes(live) & live_bits;
+                    let status = self.shadow.status() & !live_bits | errors;
                     overlay(offset, data, STATUS as u64, &status.to_le_bytes());
                 }
                 Err(e) => result = result.and(Err(e)),
@@ -426,6 +452,7 @@ impl VfioConfig {
             }
         };
         let bars = self.shadow.write(offset, data);
+        let mut command = None;
         for run in self.live_runs(range.clone()) {
             if let Some(bytes) = data.get(run.start - range.start..run.end - range.start) {
                 note(ops.write_region(CONFIG_REGION, run.start as u64, bytes));
@@ -434,6 +461,7 @@ impl VfioConfig {
         let len = data.len() as u64;
         if ranges_overlap(offset, len, COMMAND as u64, 2) {
             note(self.push_command(ops));
+            command = Some(self.shadow.command());
         }
         if ranges_overlap(offset, len, STATUS as u64, 2) {
             // Only the error bits the guest writes 1 to, so the device clears just those.
@@ -449,6 +477,7 @@ impl VfioConfig {
             }
         }
         out.bars = bars;
+        out.command = command;
         if let Some(msix) = self.msix {
             let control = msix.offset + MSIX_CONTROL_OFFSET;
             if ranges_overlap(offset, len, control as u64, 2) {

@@ -24,6 +24,7 @@ pub const PCIE_LINKCAP: u32 = 0x0043_7c12;
 pub enum Call {
     Reset,
     EnableIrqs { index: u32, fds: Vec<RawFd> },
+    SetIrqUnmask { index: u32, fd: RawFd },
     DisableIrqs(u32),
     Write { index: u32, offset: u64, data: Vec<u8> },
     Map { index: u32, offset: u64, len: u64 },
@@ -41,6 +42,8 @@ pub struct State {
     pub reset: ResetOutcome,
     /// Every region access fails with EIO.
     pub broken: bool,
+    /// The interrupt index VFIO has on, as vfio-pci keeps one at a time.
+    pub active_irq: Option<u32>,
 }
 
 /// A handle on the fake: the device model owns one, the test keeps a clone.
@@ -98,7 +101,16 @@ impl FakeVfio {
             calls: Vec::new(),
             reset: ResetOutcome::Reset,
             broken: false,
+            active_irq: None,
         })))
+    }
+
+    /// Gives the function INTx on `pin` (1 to 4), as vfio-pci shows a device whose
+    /// host IRQ is set up: the pin in config space and one INTx vector.
+    pub fn with_intx(self, pin: u8) -> Self {
+        self.set_config(0x3d, &[pin]);
+        self.state().irqs.insert(INTX_IRQ, IrqInfo { count: 1, noresize: false });
+        self
     }
 
     pub fn state(&self) -> MutexGuard<'_, State> {
@@ -182,12 +194,31 @@ impl VfioDeviceOps for FakeVfio {
         if eventfds.is_empty() || eventfds.len() > count as usize {
             return Err(VfioOpsError::IrqCount { index, count, requested: eventfds.len() });
         }
+        // vfio-pci refuses a second interrupt type while one is on.
+        if st.active_irq.is_some_and(|active| active != index) {
+            return Err(VfioOpsError::SetIrqs { index, source: std::io::Error::from_raw_os_error(libc::EINVAL) });
+        }
+        st.active_irq = Some(index);
         st.calls.push(Call::EnableIrqs { index, fds: eventfds.iter().map(|e| e.as_raw_fd()).collect() });
         Ok(())
     }
 
+    fn set_irq_unmask(&self, index: u32, eventfd: &EventFd) -> Result<(), VfioOpsError> {
+        let mut st = self.state();
+        // Only INTx has an unmask action, and only while it is on.
+        if index != INTX_IRQ || st.active_irq != Some(INTX_IRQ) {
+            return Err(VfioOpsError::SetIrqs { index, source: std::io::Error::from_raw_os_error(libc::EINVAL) });
+        }
+        st.calls.push(Call::SetIrqUnmask { index, fd: eventfd.as_raw_fd() });
+        Ok(())
+    }
+
     fn disable_irqs(&self, index: u32) -> Result<(), VfioOpsError> {
-        self.state().calls.push(Call::DisableIrqs(index));
+        let mut st = self.state();
+        if st.active_irq == Some(index) {
+            st.active_irq = None;
+        }
+        st.calls.push(Call::DisableIrqs(index));
         Ok(())
     }
 

@@ -9,6 +9,13 @@
 //! the BARs, and `BarMapper::bar_changed` also moves the memory slots of
 //! [`PciDevice::mmap_areas`].
 //!
+//! A device with INTx ([`VfioPciDevice::intx_pin`]) gets it once its slot is known:
+//! the GSI depends on slot and pin (`boot::layout::pci_intx_gsi`, the DSDT's `_PRT`),
+//! so after `PciSegment::add` the VMM makes an irqfd with a resample eventfd on that
+//! GSI and hands both over with [`VfioPciDevice::set_intx`], before the guest can
+//! see the device. Without it the device shows no interrupt pin and its drivers use
+//! MSI or MSI-X.
+//!
 //! Guest register accesses cannot fail, so device errors met there leave the guest
 //! with what a dead register shows (all-ones reads, dropped writes) and are kept for
 //! the VMM: [`VfioPciDevice::failures`] and [`VfioPciDevice::take_last_error`].
@@ -34,9 +41,9 @@ pub use irq::IrqError;
 pub use mapping::HostMapping;
 pub use ops::*;
 
-use crate::config::{BarChange, BarSpec, ConfigError};
+use crate::config::{BarChange, BarSpec, ConfigError, COMMAND_INTX_DISABLE};
 use crate::device::{MmapArea, PciDevice};
-use crate::interrupt::MsiVectors;
+use crate::interrupt::{IntxLine, MsiVectors};
 use crate::msix::MAX_MSIX_VECTORS;
 use bars::{BarTarget, Bars, MsixRanges};
 use config::VfioConfig;
@@ -83,6 +90,8 @@ pub struct VfioPciDevice {
     irqs: Interrupts,
     bars: Bars,
     reset: ResetOutcome,
+    /// The interrupt pin of an INTx VFIO offers, if the device has one.
+    intx_pin: Option<u8>,
     failures: u64,
     last_error: Option<VfioError>,
     detached: bool,
@@ -101,7 +110,36 @@ impl VfioPciDevice {
         let bars = Bars::new(ops.as_ref(), &config.bars(), msix.map(|m| MsixRanges::new(m.table_size, &m.layout)))?;
         // vfio-pci enables decoding when it opens the device; the guest has not yet.
         config.push_command(ops.as_ref()).map_err(VfioError::Command)?;
-        Ok(Self { ops, config, irqs, bars, reset, failures: 0, last_error: None, detached: false })
+        let intx_pin = config.intx_pin().filter(|_| ops.irq_info(INTX_IRQ).is_some_and(|i| i.count != 0));
+        Ok(Self { ops, config, irqs, bars, reset, intx_pin, failures: 0, last_error: None, detached: false })
+    }
+
+    /// The interrupt pin (1 to 4: INTA# to INTD#) the device raises INTx on, if it has
+    /// one and VFIO offers it (a VF never does). The VMM wires that pin of the device's
+    /// slot and hands it over with [`set_intx`](Self::set_intx).
+    pub fn intx_pin(&self) -> Option<u8> {
+        self.intx_pin
+    }
+
+    /// Delivers the device's INTx on `line` (see [`IntxLine`]; on the GSI of the
+    /// device's slot and [`intx_pin`](Self::intx_pin)): config space shows the device's
+    /// interrupt pin from now on, and VFIO signals the line whenever the guest may use
+    /// INTx (MSI and MSI-X off, Interrupt Disable clear), right away after attach.
+    /// Call it before the guest can see the device. Returns whether the line is used:
+    /// not for a device without INTx, nor after [`shutdown`](Self::shutdown). A failure
+    /// leaves the line wired but off; the guest's next command or MSI/MSI-X write retries.
+    pub fn set_intx(&mut self, line: Arc<dyn IntxLine>) -> Result<bool, VfioError> {
+        if self.intx_pin.is_none() || self.detached {
+            return Ok(false);
+        }
+        self.config.show_interrupt_pin();
+        self.irqs.set_intx_line(self.ops.as_ref(), line)?;
+        Ok(true)
+    }
+
+    /// Whether VFIO signals the INTx line now.
+    pub fn intx_enabled(&self) -> bool {
+        self.irqs.intx_enabled()
     }
 
     /// What the reset on attach did.
@@ -156,6 +194,11 @@ impl PciDevice for VfioPciDevice {
         }
         if let Some(regs) = write.msi {
             if let Err(e) = self.irqs.msi_update(self.ops.as_ref(), &regs) {
+                self.note(e.into());
+            }
+        }
+        if let Some(command) = write.command {
+            if let Err(e) = self.irqs.set_intx_disabled(self.ops.as_ref(), command & COMMAND_INTX_DISABLE != 0) {
                 self.note(e.into());
             }
         }

@@ -145,8 +145,16 @@ pub trait VfioDeviceOps: Send {
     fn irq_info(&self, index: u32) -> Option<IrqInfo>;
 
     /// Has vectors `0..eventfds.len()` of interrupt index `index` signal those eventfds
-    /// (which also turns the device's MSI or MSI-X on).
+    /// (which also turns the device's MSI or MSI-X on). For [`INTX_IRQ`], one eventfd:
+    /// VFIO signals it and masks the line on each interrupt, until an unmask (see
+    /// [`set_irq_unmask`](Self::set_irq_unmask)). VFIO has one index on at a time:
+    /// INTx must be off to turn MSI or MSI-X on, and the other way round.
     fn enable_irqs(&self, index: u32, eventfds: &[&EventFd]) -> Result<(), VfioOpsError>;
+
+    /// Has VFIO unmask the (enabled) interrupt index `index` whenever `eventfd` is
+    /// signalled, for [`INTX_IRQ`] only: with KVM's resample eventfd here, the line
+    /// unmasks when the guest has serviced it. Turning the index off drops this too.
+    fn set_irq_unmask(&self, index: u32, eventfd: &EventFd) -> Result<(), VfioOpsError>;
 
     /// Turns every vector of interrupt index `index` off.
     fn disable_irqs(&self, index: u32) -> Result<(), VfioOpsError>;

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use super::fake::{Call, FakeVfio, BAR_SIZE, IGBVF_DEVICE, IGBVF_VENDOR, MSIX_CAP, PCIE_CAP, PCIE_DEVCAP};
 use super::*;
 use crate::config::{BarKind, COMMAND, COMMAND_MEMORY_SPACE, STATUS_CAP_LIST};
-use crate::interrupt::testing::{Call::*, RecordingVectors};
-use crate::interrupt::MsiMessage;
+use crate::interrupt::testing::{Call::*, EventFdLine, RecordingVectors};
+use crate::interrupt::{IntxLine, MsiMessage};
 
 fn attach(fake: &FakeVfio, vectors: u16) -> (VfioPciDevice, Arc<RecordingVectors>) {
     let v = Arc::new(RecordingVectors::with_notifiers(vectors));
@@ -226,6 +226,12 @@ fn command_is_mirrored_and_status_errors_are_live() {
     let calls = fake.take_calls();
     assert!(calls.contains(&Call::Write { index: CONFIG_REGION, offset: 6, data: vec![0x00, 0x20] }));
     assert_eq!(read(&mut dev, 0x06, 2), 0x90);
+
+    // Interrupt Status (bit 3) follows the device: a shared INTx handler reads it.
+    fake.set_config(0x06, &(0x0008u16 | 0x90).to_le_bytes());
+    assert_eq!(read(&mut dev, 0x06, 2) & 0x0008, 0x0008);
+    fake.set_config(0x06, &0x90u16.to_le_bytes());
+    assert_eq!(read(&mut dev, 0x06, 2) & 0x0008, 0);
 }
 
 #[test]
@@ -443,7 +449,9 @@ impl Lcg {
 
 #[test]
 fn hostile_guest_accesses_never_panic() {
-    let (mut dev, fake, _) = with_msi_attached();
+    // MSI, MSI-X and INTx all wired, so every interrupt path sees the noise.
+    let fake = with_msi().with_intx(1);
+    let (mut dev, _, _line) = attach_with_line(&fake, 4);
     let offsets: [u64; 25] = [
         0,
         1,
@@ -502,11 +510,200 @@ fn hostile_guest_accesses_never_panic() {
         }
     }
     assert_eq!(read32(&mut dev, 0) as u16, IGBVF_VENDOR);
+    // Whatever the noise left on, a guest that turns MSI, MSI-X and Interrupt Disable
+    // off gets INTx back, with VFIO agreeing.
+    write(&mut dev, MSIX_CAP + 2, 0, 2);
+    write(&mut dev, 0x52, 0, 2);
+    write(&mut dev, COMMAND, 0, 2);
+    assert!(dev.intx_enabled());
+    assert_eq!(fake.state().active_irq, Some(INTX_IRQ));
     fake.take_calls();
 }
 
-fn with_msi_attached() -> (VfioPciDevice, FakeVfio, Arc<RecordingVectors>) {
-    let fake = with_msi();
-    let (dev, v) = attach(&fake, 4);
-    (dev, fake, v)
+/// Attaches `fake` and wires its INTx to a fresh line; the calls so far are taken.
+fn attach_with_line(fake: &FakeVfio, vectors: u16) -> (VfioPciDevice, Arc<RecordingVectors>, Arc<EventFdLine>) {
+    let (mut dev, v) = attach(fake, vectors);
+    let line = Arc::new(EventFdLine::new());
+    assert!(dev.set_intx(line.clone()).unwrap());
+    fake.take_calls();
+    (dev, v, line)
+}
+
+/// What turning INTx on asks of VFIO: the trigger, then the unmask eventfd.
+fn intx_on(line: &EventFdLine) -> Vec<Call> {
+    vec![
+        Call::EnableIrqs { index: INTX_IRQ, fds: vec![line.trigger().as_raw_fd()] },
+        Call::SetIrqUnmask { index: INTX_IRQ, fd: line.resample().as_raw_fd() },
+    ]
+}
+
+#[test]
+fn intx_pin_shows_and_intx_turns_on_once_the_line_is_wired() {
+    let fake = FakeVfio::igbvf().with_intx(2);
+    let (mut dev, _) = attach(&fake, 3);
+    assert_eq!(dev.intx_pin(), Some(2));
+    assert_eq!(read(&mut dev, 0x3d, 1), 0, "no pin until the VMM wires one");
+    assert!(!dev.intx_enabled());
+
+    let line = Arc::new(EventFdLine::new());
+    assert!(dev.set_intx(line.clone()).unwrap());
+    assert_eq!(fake.take_calls(), intx_on(&line));
+    assert!(dev.intx_enabled());
+    assert_eq!(read(&mut dev, 0x3d, 1), 2, "INTB#");
+    // The pin is read-only; the line is the guest's own byte, never the device's.
+    write(&mut dev, 0x3c, 0x0213, 2);
+    assert_eq!(read(&mut dev, 0x3c, 2), 0x0213);
+    assert!(fake.take_calls().is_empty());
+    assert_eq!(fake.config_u16(0x3c) & 0xff, 0);
+
+    // A new line replaces the old one in VFIO.
+    let other = Arc::new(EventFdLine::new());
+    assert!(dev.set_intx(other.clone()).unwrap());
+    let mut expected = vec![Call::DisableIrqs(INTX_IRQ)];
+    expected.extend(intx_on(&other));
+    assert_eq!(fake.take_calls(), expected);
+}
+
+#[test]
+fn msix_takes_over_from_intx_and_hands_it_back() {
+    let fake = FakeVfio::igbvf().with_intx(1);
+    let (mut dev, v, line) = attach_with_line(&fake, 3);
+    let control = MSIX_CAP + 2;
+    write(&mut dev, control, 0x8000, 2);
+    let fds: Vec<_> = (0..3).map(|i| v.notifier(i).unwrap().as_raw_fd()).collect();
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::DisableIrqs(INTX_IRQ), Call::EnableIrqs { index: MSIX_IRQ, fds }],
+        "INTx off before VFIO takes MSI-X"
+    );
+    assert!(!dev.intx_enabled());
+    // Function mask and unmask change nothing for INTx.
+    write(&mut dev, control, 0xc000, 2);
+    write(&mut dev, control, 0x8000, 2);
+    assert!(fake.take_calls().is_empty());
+
+    write(&mut dev, control, 0, 2);
+    let mut expected = vec![Call::DisableIrqs(MSIX_IRQ)];
+    expected.extend(intx_on(&line));
+    assert_eq!(fake.take_calls(), expected, "INTx back after MSI-X is off");
+    assert!(dev.intx_enabled());
+    assert_eq!(dev.failures(), 0);
+}
+
+#[test]
+fn msi_takes_over_from_intx_and_hands_it_back() {
+    let fake = with_msi().with_intx(1);
+    let (mut dev, v, line) = attach_with_line(&fake, 4);
+    write(&mut dev, 0x54, 0xfee0_0000, 4);
+    write(&mut dev, 0x52, 0x0001, 2);
+    let fd0 = v.notifier(0).unwrap().as_raw_fd();
+    assert_eq!(
+        fake.take_calls(),
+        vec![Call::DisableIrqs(INTX_IRQ), Call::EnableIrqs { index: MSI_IRQ, fds: vec![fd0] }]
+    );
+    write(&mut dev, 0x52, 0, 2);
+    let mut expected = vec![Call::DisableIrqs(MSI_IRQ)];
+    expected.extend(intx_on(&line));
+    assert_eq!(fake.take_calls(), expected);
+    assert_eq!(dev.failures(), 0);
+}
+
+#[test]
+fn interrupt_disable_in_the_command_register_turns_intx_off() {
+    let fake = FakeVfio::igbvf().with_intx(1);
+    let (mut dev, _, line) = attach_with_line(&fake, 3);
+    let command = |data: &[u8]| Call::Write { index: CONFIG_REGION, offset: COMMAND as u64, data: data.to_vec() };
+    write(&mut dev, COMMAND, 0x0406, 2);
+    assert_eq!(fake.take_calls(), vec![command(&[0x06, 0x04]), Call::DisableIrqs(INTX_IRQ)]);
+    assert!(!dev.intx_enabled());
+    // MSI-X on and off while INTx is disabled: it stays off.
+    write(&mut dev, MSIX_CAP + 2, 0x8000, 2);
+    write(&mut dev, MSIX_CAP + 2, 0, 2);
+    assert!(!fake.take_calls().iter().any(|c| matches!(c, Call::EnableIrqs { index: INTX_IRQ, .. })));
+
+    write(&mut dev, COMMAND, 0x0006, 2);
+    let mut expected = vec![command(&[0x06, 0x00])];
+    expected.extend(intx_on(&line));
+    assert_eq!(fake.take_calls(), expected);
+    // A command write that leaves the bit alone touches only the command register.
+    write(&mut dev, COMMAND, 0x0002, 2);
+    assert_eq!(fake.take_calls(), vec![command(&[0x02, 0x00])]);
+    assert!(dev.intx_enabled());
+}
+
+#[test]
+fn detach_turns_intx_off_for_good() {
+    let fake = FakeVfio::igbvf().with_intx(1);
+    let (mut dev, _, line) = attach_with_line(&fake, 3);
+    dev.detach();
+    assert_eq!(fake.take_calls(), vec![Call::DisableIrqs(INTX_IRQ), Call::Reset]);
+    assert!(!dev.intx_enabled());
+    assert!(!dev.set_intx(line).unwrap(), "a detached device takes no line");
+    drop(dev);
+    assert!(fake.take_calls().is_empty());
+
+    // Dropped while MSI-X had INTx off: only MSI-X is left to turn off.
+    let fake = FakeVfio::igbvf().with_intx(1);
+    let (mut dev, _, _) = attach_with_line(&fake, 3);
+    write(&mut dev, MSIX_CAP + 2, 0x8000, 2);
+    fake.take_calls();
+    drop(dev);
+    assert_eq!(fake.take_calls(), vec![Call::DisableIrqs(MSIX_IRQ), Call::Reset]);
+}
+
+#[test]
+fn a_device_without_intx_never_touches_it() {
+    let never = |calls: &[Call]| {
+        !calls.iter().any(|c| {
+            matches!(
+                c,
+                Call::EnableIrqs { index: INTX_IRQ, .. } | Call::SetIrqUnmask { .. } | Call::DisableIrqs(INTX_IRQ)
+            )
+        })
+    };
+    // Pin 0 (a VF), a pin VFIO does not offer INTx for, and a pin out of range.
+    for fake in [
+        FakeVfio::igbvf(),
+        {
+            let f = FakeVfio::igbvf();
+            f.set_config(0x3d, &[1]);
+            f
+        },
+        FakeVfio::igbvf().with_intx(5),
+    ] {
+        let (mut dev, _) = attach(&fake, 3);
+        assert_eq!(dev.intx_pin(), None);
+        assert!(!dev.set_intx(Arc::new(EventFdLine::new())).unwrap());
+        assert_eq!(read(&mut dev, 0x3d, 1), 0);
+        write(&mut dev, COMMAND, 0x0406, 2);
+        write(&mut dev, MSIX_CAP + 2, 0x8000, 2);
+        write(&mut dev, MSIX_CAP + 2, 0, 2);
+        write(&mut dev, COMMAND, 0x0006, 2);
+        dev.detach();
+        let calls = fake.take_calls();
+        assert!(never(&calls), "{calls:?}");
+        assert!(!dev.intx_enabled());
+        assert_eq!(dev.failures(), 0);
+    }
+}
+
+#[test]
+fn vfio_refusing_intx_is_reported_and_retried() {
+    let fake = FakeVfio::igbvf().with_intx(1);
+    let (mut dev, _) = attach(&fake, 3);
+    fake.state().irqs.get_mut(&INTX_IRQ).unwrap().count = 0;
+    let line = Arc::new(EventFdLine::new());
+    assert!(matches!(
+        dev.set_intx(line.clone()),
+        Err(VfioError::Irq(IrqError::Vfio(VfioOpsError::IrqCount { index: INTX_IRQ, count: 0, requested: 1 })))
+    ));
+    assert!(!dev.intx_enabled());
+    assert_eq!(read(&mut dev, 0x3d, 1), 1, "the line is wired, only off");
+    fake.take_calls();
+    // The guest's next command write tries again.
+    fake.state().irqs.get_mut(&INTX_IRQ).unwrap().count = 1;
+    write(&mut dev, COMMAND, 0x0002, 2);
+    let calls = fake.take_calls();
+    assert_eq!(calls[1..], intx_on(&line)[..]);
+    assert!(dev.intx_enabled());
 }

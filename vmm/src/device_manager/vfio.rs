@@ -19,7 +19,7 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
 use super::{DeviceError, DeviceManager, PciDeviceEntry};
-use crate::interrupt::KvmMsiVectors;
+use crate::interrupt::{KvmIntxLine, KvmMsiVectors};
 use crate::vm::GuestMemory;
 
 #[derive(Debug, thiserror::Error)]
@@ -231,8 +231,19 @@ impl DeviceManager {
         let vectors = Arc::new(KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?);
         let dev = VfioPciDevice::new(Box::new(ops), vectors)
             .map_err(|e| fail(VfioHostError::Device { bdf: bdf.clone(), reason: e.to_string() }))?;
-        let shared: pci::SharedPciDevice = Arc::new(Mutex::new(dev));
+        let intx_pin = dev.intx_pin();
+        let typed = Arc::new(Mutex::new(dev));
+        let shared: pci::SharedPciDevice = typed.clone();
         let slot = pci.segment.add(shared.clone())?;
+        if let Some(pin) = intx_pin {
+            // The DSDT's _PRT routes this slot and pin to this IOAPIC input (boot::layout).
+            let line = Arc::new(KvmIntxLine::new(pci.vm.clone(), boot::layout::pci_intx_gsi(slot, pin))?);
+            typed
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_intx(line)
+                .map_err(|e| fail(VfioHostError::Device { bdf: bdf.clone(), reason: format!("INTx: {e}") }))?;
+        }
         self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
         Ok(PassthroughReport {
             id: id.to_string(),
