@@ -44,7 +44,8 @@ pub struct RunningVm {
     stdin: Option<StdinPump>,
     latch: Arc<ExitLatch>,
     counters: Arc<ExitCounters>,
-    devices: DeviceManager,
+    /// `None` once leaked, with the VM: see `halt_vcpus`.
+    devices: Option<DeviceManager>,
     /// `None` once leaked: see `halt_vcpus`.
     vm: Option<Vm>,
     /// Host devices passed through, restored once the devices and the VM (which hold
@@ -63,19 +64,24 @@ impl RunningVm {
         latch: Arc<ExitLatch>,
         leases: Leases,
     ) -> Result<Self, RunError> {
-        install_kick_handler().map_err(RunError::Signals)?;
         let counters = Arc::new(ExitCounters::default());
-        let mut running =
-            Self { vcpus: Vec::new(), stdin, latch, counters, devices, vm: Some(vm), leases: Some(leases) };
+        // Built before anything can fail, so that an error drops the parts in this
+        // struct's order: the leases after the devices and the VM holding them open.
+        let buses = devices.buses().clone();
+        let mut running = Self {
+            vcpus: Vec::new(),
+            stdin,
+            latch,
+            counters,
+            devices: Some(devices),
+            vm: Some(vm),
+            leases: Some(leases),
+        };
+        install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
             let id = vcpu.id();
-            let handle = VcpuHandle::spawn(
-                vcpu,
-                running.devices.buses().clone(),
-                running.counters.clone(),
-                running.latch.clone(),
-            )
-            .map_err(|source| RunError::SpawnVcpu { id, source })?;
+            let handle = VcpuHandle::spawn(vcpu, buses.clone(), running.counters.clone(), running.latch.clone())
+                .map_err(|source| RunError::SpawnVcpu { id, source })?;
             running.vcpus.push(handle);
         }
         Ok(running)
@@ -136,10 +142,12 @@ impl RunningVm {
                 let _ = handle.thread.join();
             } else {
                 // A thread that never left KVM_RUN still uses guest memory: leak the VM
-                // rather than unmap memory under it. Its passthrough devices stay open
-                // with it, so restoring them would block: their journals stay for
-                // `tandem cleanup` once this process is gone.
+                // rather than unmap memory under it, and the devices with it (their BAR
+                // mappings back KVM memory slots the vCPU may still reach). Passthrough
+                // devices then stay open, so restoring them would block: their journals
+                // stay for `tandem cleanup` once this process is gone.
                 std::mem::forget(self.vm.take());
+                std::mem::forget(self.devices.take());
                 std::mem::forget(self.leases.take());
                 stuck += 1;
             }

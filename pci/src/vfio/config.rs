@@ -514,7 +514,7 @@ impl VfioConfig {
     }
 }
 
-/// Registers the device's BARs: sizes from VFIO, kind and prefetch from the BAR's
+/// Registers the device's memory BARs: sizes from VFIO, kind and prefetch from the BAR's
 /// low bits (which vfio-pci shows even for a VF, whose own BAR registers read 0).
 fn add_bars(
     shadow: &mut PciConfiguration,
@@ -534,8 +534,10 @@ fn add_bars(
         // At most NUM_BARS - 1.
         let bar = index as u8;
         let size = ops.region(u32::from(bar)).map_or(0, |r| r.size);
-        if size != 0 {
-            let spec = BarSpec { index: bar, size, kind, prefetchable: kind != BarKind::Io && low & 0x8 != 0 };
+        // I/O BARs are not offered to the guest (the BAR reads 0): Tandem's guests have no
+        // I/O window, and the drivers of devices that carry one (igb, e1000e) use MMIO.
+        if size != 0 && kind != BarKind::Io {
+            let spec = BarSpec { index: bar, size, kind, prefetchable: low & 0x8 != 0 };
             shadow.add_bar(spec).map_err(|source| VfioConfigError::Bar { index: bar, size, source })?;
         }
         index += if kind == BarKind::Memory64 { 2 } else { 1 };

@@ -50,7 +50,7 @@ pub struct State {
 #[derive(Clone)]
 pub struct FakeVfio(Arc<Mutex<State>>);
 
-fn region(size: u64, mmap: bool) -> Region {
+pub(super) fn region(size: u64, mmap: bool) -> Region {
     let info = RegionInfo { size, readable: true, writable: true, mmap, ..Default::default() };
     Region { info, bytes: vec![0; size as usize] }
 }

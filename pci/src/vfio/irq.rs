@@ -124,6 +124,10 @@ impl Interrupts {
 
     /// The guest wrote the MSI-X message control word (`control`, after the masks).
     pub fn msix_control(&mut self, ops: &dyn VfioDeviceOps, control: u16) -> Result<(), IrqError> {
+        // After shutdown the device is off the bus; a late write changes nothing.
+        if self.closed {
+            return Ok(());
+        }
         let Some(msix) = &mut self.msix else { return Ok(()) };
         msix.set_control(control);
         let want = if msix.is_enabled() { msix.table_size() } else { 0 };
@@ -136,6 +140,9 @@ impl Interrupts {
 
     /// The guest wrote the MSI capability; `regs` as `Msi::update` takes them.
     pub fn msi_update(&mut self, ops: &dyn VfioDeviceOps, regs: &[u8]) -> Result<(), IrqError> {
+        if self.closed {
+            return Ok(());
+        }
         let Some(msi) = &mut self.msi else { return Ok(()) };
         msi.update(regs);
         let want = msi.enabled_vectors();

@@ -639,6 +639,8 @@ fn detach_turns_intx_off_for_good() {
     assert_eq!(fake.take_calls(), vec![Call::DisableIrqs(INTX_IRQ), Call::Reset]);
     assert!(!dev.intx_enabled());
     assert!(!dev.set_intx(line).unwrap(), "a detached device takes no line");
+    // A late MSI-X enable (a write racing the removal) reaches VFIO no more.
+    write(&mut dev, MSIX_CAP + 2, 0x8000, 2);
     drop(dev);
     assert!(fake.take_calls().is_empty());
 
@@ -706,4 +708,16 @@ fn vfio_refusing_intx_is_reported_and_retried() {
     let calls = fake.take_calls();
     assert_eq!(calls[1..], intx_on(&line)[..]);
     assert!(dev.intx_enabled());
+}
+
+#[test]
+fn an_io_bar_is_not_offered_to_the_guest() {
+    // BAR 2 of the host device is a 32-byte I/O BAR (as on igb and e1000e PFs).
+    let fake = FakeVfio::igbvf();
+    fake.set_config(0x18, &0x0000_0001u32.to_le_bytes());
+    fake.state().regions.insert(2, super::fake::region(32, false));
+    let (mut dev, _) = attach(&fake, 3);
+    assert!(dev.bars().iter().all(|b| b.index != 2), "{:?}", dev.bars());
+    write(&mut dev, 0x18, 0xffff_ffff, 4);
+    assert_eq!(read32(&mut dev, 0x18), 0, "the I/O BAR reads as absent, sizing included");
 }

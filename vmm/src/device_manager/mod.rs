@@ -59,7 +59,8 @@ pub enum DeviceError {
 /// What PCI devices share: the segment, MSI routing, the worker loop, guest memory.
 struct PciState {
     // Field order is drop order: the devices' BAR slots and the segment go before the
-    // VFIO container, whose DMA mappings point into `memory`.
+    // VFIO container, whose DMA mappings point into `memory` (and DeviceManager's Drop
+    // has detached, i.e. reset, the devices before either).
     segment: PciSegment,
     vm: Arc<VmFd>,
     routing: Arc<GsiRouting>,
@@ -145,6 +146,12 @@ impl Drop for DeviceManager {
     /// refer back to them (BAR mapper, config accessors) and would otherwise be leaked
     /// with the worker loop they hold.
     fn drop(&mut self) {
+        // Quiesce every device first, while the worker loop still runs (a virtio device
+        // removes its workers through it): a passthrough device is reset, which ends its
+        // DMA and interrupts before the VFIO container unmaps guest RAM from the IOMMU.
+        for entry in &self.pci_devices {
+            entry.device.lock().unwrap_or_else(|e| e.into_inner()).detach();
+        }
         if let Some(pci) = &self.pci {
             pci.event_loop.shutdown();
         }

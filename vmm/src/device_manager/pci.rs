@@ -104,10 +104,13 @@ impl KvmBarMapper {
         let mut mapped = self.mapped.lock().unwrap_or_else(|e| e.into_inner());
         let gone: Vec<u64> = mapped.range(base..base.saturating_add(size)).map(|(gpa, _)| *gpa).collect();
         for gpa in gone {
-            if let Some((slot, _area)) = mapped.remove(&gpa) {
-                if self.slots.unmap(slot).is_err() {
-                    self.fail();
-                }
+            let Some(&(slot, _)) = mapped.get(&gpa) else { continue };
+            if self.slots.unmap(slot).is_ok() {
+                mapped.remove(&gpa);
+            } else {
+                // KVM still maps it: keep the host mapping alive with the slot (leaked
+                // rather than freed under the guest).
+                self.fail();
             }
         }
     }

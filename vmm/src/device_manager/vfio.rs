@@ -235,16 +235,15 @@ impl DeviceManager {
         let typed = Arc::new(Mutex::new(dev));
         let shared: pci::SharedPciDevice = typed.clone();
         let slot = pci.segment.add(shared.clone())?;
+        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
         if let Some(pin) = intx_pin {
             // The DSDT's _PRT routes this slot and pin to this IOAPIC input (boot::layout).
             let line = Arc::new(KvmIntxLine::new(pci.vm.clone(), boot::layout::pci_intx_gsi(slot, pin))?);
-            typed
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .set_intx(line)
-                .map_err(|e| fail(VfioHostError::Device { bdf: bdf.clone(), reason: format!("INTx: {e}") }))?;
+            if let Err(e) = typed.lock().unwrap_or_else(|e| e.into_inner()).set_intx(line) {
+                // The line stays wired; the guest's next command or MSI write retries it.
+                eprintln!("tandem: warning: {id}: {bdf}: cannot enable INTx yet: {e}");
+            }
         }
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
         Ok(PassthroughReport {
             id: id.to_string(),
             bdf,

@@ -71,6 +71,8 @@ pub(crate) struct FakeNetlink {
     pub(crate) vfs: Mutex<HashMap<(u32, u32), VfConfig>>,
     /// Sets of this attribute fail with this errno.
     pub(crate) refuse: Mutex<Option<(&'static str, i32)>>,
+    /// Reading a VF's settings fails with this errno (a PF driver without `ndo_get_vf_config`).
+    pub(crate) refuse_read: Mutex<Option<i32>>,
     gate: Arc<Gate>,
 }
 
@@ -96,6 +98,10 @@ impl FakeNetlink {
 
 impl VfNetlink for FakeNetlink {
     fn vf_config(&self, pf: u32, vf: u32) -> Result<VfConfig, NetlinkError> {
+        if let Some(errno) = *self.refuse_read.lock().unwrap() {
+            let source = io::Error::from_raw_os_error(errno);
+            return Err(NetlinkError::Refused { what: "reading the settings", vf, source });
+        }
         self.get(pf, vf).ok_or(NetlinkError::NoVfInfo { vf })
     }
     fn set_mac(&self, pf: u32, vf: u32, mac: [u8; 6]) -> Result<(), NetlinkError> {
@@ -321,7 +327,12 @@ impl FakeHost {
         }
         std::fs::write(root.join("sys/bus/pci/drivers_probe"), "").unwrap();
         let gate = Arc::new(Gate::default());
-        let netlink = Arc::new(FakeNetlink { vfs: Mutex::default(), refuse: Mutex::default(), gate: gate.clone() });
+        let netlink = Arc::new(FakeNetlink {
+            vfs: Mutex::default(),
+            refuse: Mutex::default(),
+            refuse_read: Mutex::default(),
+            gate: gate.clone(),
+        });
         let kernel = Arc::new(FakeKernel {
             root: root.clone(),
             devices: Mutex::default(),

@@ -69,9 +69,11 @@ impl Ctx<'_> {
             if let Some(journal) = Journal::claim(path.clone(), record.clone())? {
                 return Ok(journal);
             }
-            let existing = Journal::<DeviceRecord>::load(path.clone())?;
-            self.refuse_live(&existing)?;
-            restore_journal(self.host, existing)?;
+            // None: a claim cut short by a kill, now deleted; the next round claims the name.
+            if let Some(existing) = Journal::<DeviceRecord>::load(path.clone())? {
+                self.refuse_live(&existing)?;
+                restore_journal(self.host, existing)?;
+            }
         }
         Err(JournalError::Write { path, source: std::io::ErrorKind::AlreadyExists.into() }.into())
     }
@@ -97,7 +99,7 @@ impl Ctx<'_> {
                 continue;
             }
             // A damaged journal is `tandem cleanup`'s to report.
-            let Ok(other) = Journal::<DeviceRecord>::load(path) else { continue };
+            let Ok(Some(other)) = Journal::<DeviceRecord>::load(path) else { continue };
             if other.record.bdf.as_deref() == Some(bdf) {
                 self.refuse_live(&other)?;
                 restore_journal(self.host, other)?;
@@ -174,8 +176,11 @@ impl Ctx<'_> {
         let path = self.host.runtime_dir.join(state::pf_journal_name(&origin.pf_bdf));
         if path.exists() {
             // Left by a tandem that died before removing its VFs (they are gone: numvfs is 0).
-            // Finish its restore so that the autoprobe recorded below is the host's own.
-            restore_pf_journal(self.host, Journal::load(path.clone())?)?;
+            // Finish its restore so that the autoprobe recorded below is the host's own. (None:
+            // a claim cut short, now deleted, which had changed nothing.)
+            if let Some(stale) = Journal::load(path.clone())? {
+                restore_pf_journal(self.host, stale)?;
+            }
         }
         let record = PfRecord {
             owner: Owner::current()?,
@@ -214,21 +219,24 @@ impl Ctx<'_> {
             .ok_or_else(|| SriovError::MissingVf { dev: self.dev.clone(), pf: spec.pf.clone(), index: spec.index })?;
         self.refuse_other_claims(&bdf, journal.path())?;
         let group = self.record_device(journal, &bdf)?;
-        let target = if spec.wants_netlink() {
-            let original =
-                self.host.netlink.vf_config(origin.pf_ifindex, spec.index).map_err(self.netlink(&spec.pf))?;
-            journal.record.original = Some(original);
-            Some((original, wanted(spec, original)))
-        } else {
-            None
+        // Journaled even when the spec changes nothing: the guest can set its VF's MAC through
+        // the VF->PF mailbox (where the PF has not fixed one, or with trust on), and some PF
+        // drivers keep it across the VF's reset, so a restore puts back whatever differs from
+        // this. A PF that cannot report it matters only when the spec has settings to make.
+        let original = match self.host.netlink.vf_config(origin.pf_ifindex, spec.index) {
+            Ok(original) => Some(original),
+            Err(e) if spec.wants_netlink() => return Err(self.netlink(&spec.pf)(e)),
+            Err(_) => None,
         };
+        journal.record.original = original;
+        let target = original.filter(|_| spec.wants_netlink()).map(|original| (original, wanted(spec, original)));
         journal.record.phase = Phase::Recorded;
         journal.save()?;
         self.check_ready(&bdf, group)?;
 
         // Before the binding, so that the guest's driver probes with the settings in place.
         if let Some((original, target)) = target {
-            for attr in [VfAttr::Mac, VfAttr::Vlan, VfAttr::SpoofChk, VfAttr::Trust] {
+            for attr in VfAttr::ALL {
                 if !attr.differs(&original, &target) {
                     continue;
                 }

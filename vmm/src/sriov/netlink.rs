@@ -75,6 +75,9 @@ pub enum VfAttr {
 }
 
 impl VfAttr {
+    /// Every setting, in the order they are set (and undone in reverse).
+    pub const ALL: [Self; 4] = [Self::Mac, Self::Vlan, Self::SpoofChk, Self::Trust];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Mac => "mac",
@@ -85,7 +88,7 @@ impl VfAttr {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Self::Mac, Self::Vlan, Self::SpoofChk, Self::Trust].into_iter().find(|a| a.name() == name)
+        Self::ALL.into_iter().find(|a| a.name() == name)
     }
 
     /// Sets this attribute of VF `vf` to its value in `to`.

@@ -5,7 +5,9 @@
 //! phase — including one whose last step may or may not have happened — and can be run again
 //! after a partial failure.
 
-use super::netlink::NetlinkError;
+use std::path::Path;
+
+use super::netlink::{NetlinkError, VfAttr};
 use super::state::{self, DeviceRecord, Journal, PfPhase, PfRecord, Phase, RuntimeLock};
 use super::sysfs::{Sysfs, SysfsError};
 use super::{Host, SriovError};
@@ -58,7 +60,21 @@ fn undo_device(host: &Host, record: &DeviceRecord) -> (Vec<String>, Vec<String>)
     let dev = describe(record);
     let (mut warnings, mut failures) = (Vec::new(), Vec::new());
     if let (Some(vf), Some(original)) = (&record.vf, &record.original) {
-        for attr in record.changed.iter().rev() {
+        // Every setting that differs now, not only those Tandem set: the guest may have set its
+        // MAC (or, trusted, more) through the VF->PF mailbox, and some PF drivers keep that across
+        // the VF's reset, so the VF would leave with the guest's MAC.
+        let attrs: Vec<VfAttr> = match host.netlink.vf_config(vf.pf_ifindex, vf.index) {
+            Ok(now) => VfAttr::ALL.into_iter().rev().filter(|a| a.differs(&now, original)).collect(),
+            Err(e) => {
+                // Put back what Tandem set, blind; the guest's own changes stay unknown, so the
+                // journal stays for another run if that one may read them.
+                if retry_may_help(&e) {
+                    failures.push(format!("reading the VF's settings on {}: {e}", vf.pf));
+                }
+                record.changed.iter().rev().copied().collect()
+            }
+        };
+        for attr in attrs {
             if let Err(e) = attr.apply(&*host.netlink, vf.pf_ifindex, vf.index, original) {
                 let what = format!("putting back {} on {}: {e}", attr.name(), vf.pf);
                 if retry_may_help(&e) {
@@ -82,7 +98,13 @@ fn undo_device(host: &Host, record: &DeviceRecord) -> (Vec<String>, Vec<String>)
 /// Restores a device journal and deletes it; then, for a VF, removes the VFs Tandem created on
 /// its PF once no journal refers to that PF. The caller holds the [`RuntimeLock`].
 pub(crate) fn restore_journal(host: &Host, journal: Journal<DeviceRecord>) -> Result<Vec<String>, SriovError> {
-    let pf_bdf = journal.record.vf.as_ref().map(|vf| vf.pf_bdf.clone());
+    // A VF given as `--device` may be the last user of VFs Tandem created for a `--vf`. Its PF is
+    // read now, while the device is surely there; if unreadable, those VFs wait for `tandem cleanup`.
+    let pf_bdf = match (&journal.record.vf, &journal.record.bdf) {
+        (Some(vf), _) => Some(vf.pf_bdf.clone()),
+        (None, Some(bdf)) => host.sysfs.physfn(bdf).ok().flatten(),
+        (None, None) => None,
+    };
     let warnings = restore_device(host, journal)?;
     if let Some(pf_bdf) = pf_bdf {
         restore_pf_if_unused(host, &pf_bdf)?;
@@ -101,19 +123,44 @@ fn restore_device(host: &Host, journal: Journal<DeviceRecord>) -> Result<Vec<Str
     Ok(warnings)
 }
 
-/// Whether a device journal still refers to the PF (by name: VF journals carry the PF's address).
-fn pf_in_use(host: &Host, pf_bdf: &str) -> Result<bool, SriovError> {
-    let prefix = format!("vf-{pf_bdf}-");
-    let journals = state::list(&host.runtime_dir)?;
-    Ok(journals.iter().any(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(&prefix))))
+/// Whether a device journal still refers to one of the PF's VFs, by name: a `--vf` lease's
+/// carries the PF's address, a `--device` lease's the device's own, which may be one of the PF's
+/// VFs. Removing the VFs would pull that one from under a running VM (and the write to
+/// `sriov_numvfs` can block while vfio-pci holds it). Stale and damaged journals count too: a
+/// stale one's device is put back first, then the VFs (see [`cleanup`]); a damaged one may be
+/// live, so its VFs wait until the user has seen to it.
+fn pf_in_use(host: &Host, pf: &Journal<PfRecord>) -> Result<bool, SriovError> {
+    let names: Vec<String> = state::list(&host.runtime_dir)?
+        .iter()
+        .filter_map(|p| p.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .collect();
+    let prefix = format!("vf-{}-", pf.record.pf_bdf);
+    if names.iter().any(|n| n.starts_with(&prefix)) {
+        return Ok(true);
+    }
+    let vfs = host.sysfs.virtfns(&pf.record.pf_bdf).map_err(|e| pf_failure(&pf.record, pf.path(), e))?;
+    Ok(vfs.iter().any(|bdf| names.contains(&state::device_journal_name(bdf))))
 }
 
 fn restore_pf_if_unused(host: &Host, pf_bdf: &str) -> Result<(), SriovError> {
     let path = host.runtime_dir.join(state::pf_journal_name(pf_bdf));
-    if !path.exists() || pf_in_use(host, pf_bdf)? {
+    if !path.exists() {
         return Ok(());
     }
-    restore_pf_journal(host, Journal::load(path)?)
+    match Journal::load(path)? {
+        Some(journal) if !pf_in_use(host, &journal)? => restore_pf_journal(host, journal),
+        // In use; or a claim cut short, now deleted, which had created nothing.
+        _ => Ok(()),
+    }
+}
+
+fn pf_failure(record: &PfRecord, journal: &Path, e: SysfsError) -> SriovError {
+    SriovError::Restore {
+        dev: format!("the VFs Tandem created on {} ({})", record.pf, record.pf_bdf),
+        journal: journal.to_path_buf(),
+        failures: vec![e.to_string()],
+    }
 }
 
 /// Removes the VFs Tandem created on a PF and turns autoprobe back as it was; then deletes the record.
@@ -129,11 +176,7 @@ pub(crate) fn restore_pf_journal(host: &Host, journal: Journal<PfRecord>) -> Res
         Ok(())
     };
     if let Err(e) = undo() {
-        return Err(SriovError::Restore {
-            dev: format!("the VFs Tandem created on {} ({})", record.pf, record.pf_bdf),
-            journal: journal.path().to_path_buf(),
-            failures: vec![e.to_string()],
-        });
+        return Err(pf_failure(record, journal.path(), e));
     }
     Ok(journal.remove()?)
 }
@@ -145,10 +188,19 @@ pub struct CleanupReport {
     pub restored: Vec<String>,
     /// Devices whose tandem is still running, left alone.
     pub in_use: Vec<String>,
-    /// What could not be put back exactly but needs no retry (a PF driver refusing an old MAC).
+    /// What could not be put back exactly but needs no retry (a PF driver refusing an old MAC),
+    /// and journals deleted with nothing to put back (claims cut short by a kill).
     pub warnings: Vec<String>,
     /// What could not be put back; those journals stay for another run.
     pub failed: Vec<String>,
+}
+
+fn dead_claim(path: &Path) -> String {
+    format!(
+        "deleted {}: its tandem was killed while writing it, before it changed anything, so there was nothing \
+         to put back",
+        path.display()
+    )
 }
 
 /// Restores every device whose tandem is gone (killed, crashed) and removes the VFs it created.
@@ -158,8 +210,12 @@ pub fn cleanup(host: &Host) -> Result<CleanupReport, SriovError> {
     let (pfs, devices): (Vec<_>, Vec<_>) =
         state::list(&host.runtime_dir)?.into_iter().partition(|p| state::is_pf_journal(p));
     for path in devices {
-        let journal = match Journal::<DeviceRecord>::load(path) {
-            Ok(j) => j,
+        let journal = match Journal::<DeviceRecord>::load(path.clone()) {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                report.warnings.push(dead_claim(&path));
+                continue;
+            }
             Err(e) => {
                 report.failed.push(e.to_string());
                 continue;
@@ -181,16 +237,25 @@ pub fn cleanup(host: &Host) -> Result<CleanupReport, SriovError> {
     // Then the VFs created for devices that are now all back, or for none (the tandem died
     // between creating them and journaling the VF).
     for path in pfs {
-        let journal = match Journal::<PfRecord>::load(path) {
-            Ok(j) => j,
+        let journal = match Journal::<PfRecord>::load(path.clone()) {
+            Ok(Some(j)) => j,
+            Ok(None) => {
+                report.warnings.push(dead_claim(&path));
+                continue;
+            }
             Err(e) => {
                 report.failed.push(e.to_string());
                 continue;
             }
         };
         let (pf, pf_bdf) = (journal.record.pf.clone(), journal.record.pf_bdf.clone());
-        if pf_in_use(host, &pf_bdf)? {
-            continue;
+        match pf_in_use(host, &journal) {
+            Ok(false) => {}
+            Ok(true) => continue,
+            Err(e) => {
+                report.failed.push(e.to_string());
+                continue;
+            }
         }
         match restore_pf_journal(host, journal) {
             Ok(()) => report.restored.push(format!("the VFs Tandem created on {pf} ({pf_bdf})")),

@@ -3,10 +3,11 @@
 //! own release, the next `tandem` start, or `tandem cleanup` after a SIGKILL — can put the
 //! host back as it was.
 //!
-//! A file is created with O_EXCL, which is the ownership claim, and names its owner by pid and
-//! process start time, so that a recycled pid does not pass for a live owner. Before each change
-//! to the host the journal's phase is advanced and saved (temp file, fsync, rename), so a
-//! restore from any phase undoes everything that may have happened.
+//! A file is written whole under a temporary name and then linked into place, which fails if the
+//! name exists: that is the ownership claim. It names its owner by pid and process start time, so
+//! that a recycled pid does not pass for a live owner. Before each change to the host the
+//! journal's phase is advanced and saved (temp file, fsync, rename), so a restore from any phase
+//! undoes everything that may have happened.
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
@@ -110,15 +111,18 @@ pub enum PfPhase {
     Created,
 }
 
+/// The first phase of both kinds of journal, the only one a torn write can have been in.
+const CLAIMED: &str = "claimed";
+
 const PHASES: [(Phase, &str); 5] = [
-    (Phase::Claimed, "claimed"),
+    (Phase::Claimed, CLAIMED),
     (Phase::Recorded, "recorded"),
     (Phase::Netlink, "netlink"),
     (Phase::Binding, "binding"),
     (Phase::Bound, "bound"),
 ];
 const PF_PHASES: [(PfPhase, &str); 4] = [
-    (PfPhase::Claimed, "claimed"),
+    (PfPhase::Claimed, CLAIMED),
     (PfPhase::Autoprobe, "autoprobe"),
     (PfPhase::NumVfs, "numvfs"),
     (PfPhase::Created, "created"),
@@ -146,7 +150,8 @@ pub struct DeviceRecord {
     pub group: Option<u32>,
     pub driver: Option<String>,
     pub driver_override: Option<String>,
-    /// The VF's settings before any change; present when `changed` is not empty.
+    /// The VF's settings before any change; present whenever the PF could report them (and so
+    /// always when `changed` is not empty), as a restore puts back whatever differs from them.
     pub original: Option<VfConfig>,
     pub changed: Vec<VfAttr>,
 }
@@ -352,27 +357,77 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Where a journal's next version is written before it is renamed or linked into place. The
+/// runtime lock keeps other tandems out; the pid keeps apart processes that ignore it.
+fn temp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.{}.tmp", std::process::id()))
+}
+
+/// Writes `text` to a new file at `tmp` and syncs it.
+fn write_temp(tmp: &Path, text: &str) -> io::Result<()> {
+    // A file left at this name (a kill between linking a claim and unlinking its temporary name)
+    // may be a second link to a live journal: truncating it would empty the journal in place.
+    if let Err(e) = std::fs::remove_file(tmp) {
+        if e.kind() != io::ErrorKind::NotFound {
+            return Err(e);
+        }
+    }
+    let mut file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(tmp)?;
+    file.write_all(text.as_bytes())?;
+    file.sync_all()
+}
+
+/// Whether unparseable journal text is a claim cut short, which nothing needs restoring for. An
+/// older tandem created the file with O_EXCL and wrote it afterwards, so one killed in between
+/// left it empty or in part; a torn write is the claim's first, in phase `claimed` (every later
+/// version is renamed into place whole), and the host is first changed after a later phase is
+/// saved. So: no `phase=` line at all, a whole `phase=claimed`, or a last line cut inside it.
+fn is_dead_claim(text: &str) -> bool {
+    let phase = text.split_inclusive('\n').filter_map(|l| l.strip_prefix("phase=")).next_back();
+    match phase {
+        None => true,
+        Some(v) => match v.strip_suffix('\n') {
+            Some(whole) => whole == CLAIMED,
+            None => CLAIMED.starts_with(v),
+        },
+    }
+}
+
 impl<R: Record> Journal<R> {
     /// Creates the file, or returns `None` when it exists already (someone else's claim, or a stale one).
     pub fn claim(path: PathBuf, record: R) -> Result<Option<Self>, JournalError> {
         let write_err = |source| JournalError::Write { path: path.clone(), source };
-        let mut file = match OpenOptions::new().write(true).create_new(true).mode(0o600).open(&path) {
-            Ok(f) => f,
+        // Whole before it has its name: link(2) fails if the name exists, so it is as exclusive
+        // as O_EXCL, but the journal can never be seen empty or in part.
+        let tmp = temp_path(&path);
+        let linked = write_temp(&tmp, &record.to_text()).and_then(|()| std::fs::hard_link(&tmp, &path));
+        // Whatever happened, the temporary name is no claim (and `list` skips it if this fails).
+        let _ = std::fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
             Err(e) => return Err(write_err(e)),
-        };
-        file.write_all(record.to_text().as_bytes()).and_then(|()| file.sync_all()).map_err(write_err)?;
+        }
         if let Some(dir) = path.parent() {
             sync_dir(dir).map_err(write_err)?;
         }
         Ok(Some(Self { path, record }))
     }
 
-    pub fn load(path: PathBuf) -> Result<Self, JournalError> {
+    /// Reads the journal at `path`. One that is a claim cut short by a kill (see
+    /// `is_dead_claim`) is deleted, and `None` returned: nothing on the host waits for it. The
+    /// caller holds the [`RuntimeLock`], so no claim is being written meanwhile.
+    pub fn load(path: PathBuf) -> Result<Option<Self>, JournalError> {
         let text =
             std::fs::read_to_string(&path).map_err(|source| JournalError::Read { path: path.clone(), source })?;
         match R::from_text(&text) {
-            Ok(record) => Ok(Self { path, record }),
+            Ok(record) => Ok(Some(Self { path, record })),
+            Err(_) if is_dead_claim(&text) => match std::fs::remove_file(&path) {
+                Ok(()) => Ok(None),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(source) => Err(JournalError::Write { path, source }),
+            },
             Err(reason) => Err(JournalError::Corrupt { path, reason }),
         }
     }
@@ -384,11 +439,8 @@ impl<R: Record> Journal<R> {
     /// Replaces the file with the current record, whole or not at all.
     pub fn save(&self) -> Result<(), JournalError> {
         let write_err = |source| JournalError::Write { path: self.path.clone(), source };
-        let name = self.path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let tmp = self.path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-        let mut file =
-            OpenOptions::new().write(true).create(true).truncate(true).mode(0o600).open(&tmp).map_err(write_err)?;
-        file.write_all(self.record.to_text().as_bytes()).and_then(|()| file.sync_all()).map_err(write_err)?;
+        let tmp = temp_path(&self.path);
+        write_temp(&tmp, &self.record.to_text()).map_err(write_err)?;
         std::fs::rename(&tmp, &self.path).map_err(write_err)?;
         match self.path.parent() {
             Some(dir) => sync_dir(dir).map_err(write_err),

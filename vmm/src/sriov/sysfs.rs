@@ -249,6 +249,30 @@ impl Sysfs {
         }
     }
 
+    /// The addresses of every VF a PF has now (its `virtfnN` links); none when the PF is gone.
+    pub fn virtfns(&self, pf: &str) -> Result<Vec<String>, SysfsError> {
+        let dir = self.device_path(pf);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(SysfsError::Read { path: dir, source }),
+        };
+        let mut vfs = Vec::new();
+        for entry in entries {
+            let name = entry.map_err(|source| SysfsError::Read { path: dir.clone(), source })?.file_name();
+            let index = name.to_str().and_then(|n| n.strip_prefix("virtfn")).and_then(|i| i.parse().ok());
+            if let Some(bdf) = index.map(|i| self.virtfn(pf, i)).transpose()?.flatten() {
+                vfs.push(bdf);
+            }
+        }
+        Ok(vfs)
+    }
+
+    /// The address of a VF's PF, or `None` when the device is not a VF (or is gone).
+    pub fn physfn(&self, bdf: &str) -> Result<Option<String>, SysfsError> {
+        Ok(self.link_name(&self.device_path(bdf).join("physfn"))?.filter(|pf| is_bdf(pf)))
+    }
+
     /// The driver the device is bound to, if any.
     pub fn driver(&self, bdf: &str) -> Result<Option<String>, SysfsError> {
         self.link_name(&self.device_path(bdf).join("driver"))

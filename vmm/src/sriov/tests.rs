@@ -383,3 +383,156 @@ fn a_pf_that_is_down_is_a_warning() {
     assert_eq!(vf.warnings().len(), 1);
     assert!(vf.warnings()[0].contains("eth0 is down") && vf.warnings()[0].contains("ip link set eth0 up"));
 }
+
+#[test]
+fn created_vfs_stay_while_one_is_leased_as_a_device() {
+    let fx = igb(0, true);
+    let before = fx.snapshot();
+    let host = fx.host();
+    let numvfs = || fx.read("sys/bus/pci/devices/0000:01:00.0/sriov_numvfs");
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=1,create=on"), &host).unwrap();
+    // Another VM takes VF 0, which Tandem created for the first, by its address.
+    let dev = DeviceLease::acquire(&dev_spec("0000:01:10.0"), &host).unwrap();
+    vf.release().unwrap();
+    assert_eq!(numvfs(), "2", "VF 0 is still in a VM");
+    assert_eq!(fx.driver("0000:01:10.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(fx.journals(), ["dev-0000:01:10.0.state", "pf-0000:01:00.0.state"]);
+    let report = cleanup(&host).unwrap();
+    assert!(report.restored.is_empty() && report.failed.is_empty(), "{report:?}");
+    assert_eq!(numvfs(), "2", "cleanup leaves them too");
+    // The last user's release removes them.
+    dev.release().unwrap();
+    assert_eq!(fx.snapshot(), before);
+    assert!(fx.journals().is_empty());
+
+    // And so does cleanup, once that user is gone.
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=1,create=on"), &host).unwrap();
+    std::mem::forget(DeviceLease::acquire(&dev_spec("0000:01:10.0"), &host).unwrap());
+    vf.release().unwrap();
+    assert_eq!(numvfs(), "2");
+    fx.orphan_journals();
+    let report = cleanup(&host).unwrap();
+    assert_eq!(report.restored, ["dev0 (0000:01:10.0)", "the VFs Tandem created on eth0 (0000:01:00.0)"]);
+    assert_eq!(fx.snapshot(), before);
+    assert!(fx.journals().is_empty());
+}
+
+#[test]
+fn settings_the_guest_changed_are_put_back() {
+    let fx = igb(2, true);
+    let host_side = VfConfig { mac: [2, 0, 0, 0, 0, 0x11], ..FRESH_VF };
+    fx.set_vf_settings(IFX, 0, host_side);
+    let before = fx.snapshot();
+    let host = fx.host();
+
+    // No settings asked for: the originals are journaled all the same.
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=0"), &host).unwrap();
+    let journal = std::fs::read_to_string(fx.runtime.join("vf-0000:01:00.0-0.state")).unwrap();
+    for line in ["mac=02:00:00:00:00:11", "vlan=0", "spoofchk=1", "trust=0", "changed="] {
+        assert!(journal.lines().any(|l| l == line), "{line} in\n{journal}");
+    }
+    // The guest sets its own MAC through the VF->PF mailbox, and the PF keeps it.
+    fx.set_vf_settings(IFX, 0, VfConfig { mac: [2, 0, 0, 0, 0, 0x66], ..host_side });
+    assert_eq!(vf.release().unwrap(), Vec::<String>::new());
+    assert_eq!(fx.snapshot(), before);
+
+    // Trusted, it changes its MAC over the one Tandem set; and the tandem is killed.
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=1,mac=02:00:00:00:00:99,trust=on"), &host).unwrap();
+    fx.set_vf_settings(IFX, 1, VfConfig { mac: [2, 0, 0, 0, 0, 0x77], trust: true, ..FRESH_VF });
+    std::mem::forget(vf);
+    fx.orphan_journals();
+    let report = cleanup(&host).unwrap();
+    assert!(report.failed.is_empty() && report.warnings.is_empty(), "{report:?}");
+    assert_eq!(fx.snapshot(), before);
+}
+
+#[test]
+fn a_pf_that_cannot_report_vf_settings_is_fine_without_any() {
+    let fx = igb(1, true);
+    let before = fx.snapshot();
+    let host = fx.host();
+    *fx.netlink.refuse_read.lock().unwrap() = Some(libc::EOPNOTSUPP);
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=0"), &host).unwrap();
+    let journal = std::fs::read_to_string(fx.runtime.join("vf-0000:01:00.0-0.state")).unwrap();
+    assert!(!journal.contains("mac="), "nothing known to journal:\n{journal}");
+    assert_eq!(vf.release().unwrap(), Vec::<String>::new());
+    assert_eq!(fx.snapshot(), before);
+
+    let e = VfLease::acquire(&vf_spec("pf=eth0,index=0,mac=02:00:00:00:00:01"), &host).unwrap_err().to_string();
+    assert!(e.contains("on eth0: reading the settings of VF 0 failed"), "{e}");
+    assert_eq!(fx.snapshot(), before);
+    assert!(fx.journals().is_empty());
+}
+
+#[test]
+fn a_claim_cut_short_by_a_kill_is_deleted() {
+    let fx = igb(1, true);
+    let before = fx.snapshot();
+    let host = fx.host();
+    std::fs::create_dir_all(&fx.runtime).unwrap();
+    // What a tandem killed between creating a journal and writing it left, whole or in part.
+    let torn = [
+        ("dev-0000:01:10.0.state", ""),
+        ("pf-0000:01:00.0.state", "owner_pid=1\nowner_start=2\nphase=claimed\npf=eth0\npf_b"),
+        ("vf-0000:01:00.0-0.state", "owner_pid=1\nowner_start=2\nphase=cla"),
+    ];
+    for (name, text) in torn {
+        std::fs::write(fx.runtime.join(name), text).unwrap();
+    }
+    let report = cleanup(&host).unwrap();
+    assert!(report.failed.is_empty() && report.restored.is_empty(), "{report:?}");
+    assert_eq!(report.warnings.len(), 3, "{report:?}");
+    assert!(report.warnings[0].contains("dev-0000:01:10.0.state: its tandem was killed while writing it"));
+    assert!(fx.journals().is_empty());
+    assert_eq!(fx.snapshot(), before);
+
+    // The next lease of the device takes the name over.
+    std::fs::write(fx.runtime.join("vf-0000:01:00.0-0.state"), "").unwrap();
+    let vf = VfLease::acquire(&vf_spec("pf=eth0,index=0,mac=02:00:00:00:00:01"), &host).unwrap();
+    assert_eq!(fx.vf_settings(IFX, 0).mac, [2, 0, 0, 0, 0, 1]);
+    vf.release().unwrap();
+    assert_eq!(fx.snapshot(), before);
+
+    // One past its claim is damaged, not torn: it stays for the user.
+    std::fs::write(fx.runtime.join("vf-0000:01:00.0-0.state"), "owner_pid=1\nphase=binding").unwrap();
+    assert_eq!(cleanup(&host).unwrap().failed.len(), 1);
+    assert_eq!(fx.journals(), ["vf-0000:01:00.0-0.state"]);
+}
+
+#[test]
+fn claims_are_whole_or_absent() {
+    use state::{DeviceRecord, Journal, Owner, Phase, Record};
+    let fx = FakeHost::new();
+    std::fs::create_dir_all(&fx.runtime).unwrap();
+    let path = fx.runtime.join("dev-0000:03:00.0.state");
+    let record = |id: &str| DeviceRecord {
+        owner: Owner { pid: 1, start: 2 },
+        phase: Phase::Claimed,
+        id: id.into(),
+        vf: None,
+        bdf: Some("0000:03:00.0".into()),
+        group: None,
+        driver: None,
+        driver_override: None,
+        original: None,
+        changed: Vec::new(),
+    };
+    let mut mine = Journal::claim(path.clone(), record("a")).unwrap().expect("the name is free");
+    assert!(Journal::claim(path.clone(), record("b")).unwrap().is_none(), "the name is taken");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), record("a").to_text());
+    let names: Vec<_> = std::fs::read_dir(&fx.runtime).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["dev-0000:03:00.0.state"], "no temporary file is left");
+
+    // A kill between linking a claim and unlinking its temporary name leaves a second link to
+    // the journal: the next save must replace the journal (a new file renamed over it), not
+    // truncate and rewrite it in place through that link.
+    let tmp = fx.runtime.join(format!(".dev-0000:03:00.0.state.{}.tmp", std::process::id()));
+    std::fs::hard_link(&path, &tmp).unwrap();
+    let inode = |p: &std::path::Path| std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(p).unwrap());
+    let claimed = inode(&path);
+    mine.record.phase = Phase::Recorded;
+    mine.save().unwrap();
+    assert_ne!(inode(&path), claimed, "a new file");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), mine.record.to_text());
+    assert!(!tmp.exists());
+}
