@@ -18,6 +18,8 @@ pub enum GuestExit {
     TripleFault { vcpu: u32 },
     /// The host asked the VMM to stop (signal number).
     Stopped { signal: i32 },
+    /// Stopped through the control socket's `shutdown`: an orderly end the host chose.
+    Shutdown,
     /// A vCPU could not continue: a KVM error or an exit the guest cannot recover from.
     VcpuFailed { vcpu: u32, reason: String },
 }
@@ -25,7 +27,7 @@ pub enum GuestExit {
 impl GuestExit {
     /// Whether this is the guest ending by its own, orderly choice.
     pub fn is_clean(&self) -> bool {
-        matches!(self, Self::PowerOff | Self::Reset)
+        matches!(self, Self::PowerOff | Self::Reset | Self::Shutdown)
     }
 }
 
@@ -38,6 +40,7 @@ impl std::fmt::Display for GuestExit {
                 write!(f, "vCPU {vcpu} triple-faulted (the guest kernel crashed before it could report why)")
             }
             Self::Stopped { signal } => write!(f, "stopped by signal {signal}"),
+            Self::Shutdown => write!(f, "shut down through the control socket"),
             Self::VcpuFailed { vcpu, reason } => write!(f, "vCPU {vcpu} failed: {reason}"),
         }
     }

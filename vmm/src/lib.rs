@@ -8,8 +8,10 @@
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
+pub mod api;
 pub mod builder;
 pub mod config;
+pub mod control;
 pub mod device_manager;
 pub mod event_loop;
 pub mod exit;

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -73,6 +74,11 @@ struct Cli {
     /// life). Repeatable. Example: --device path=/sys/bus/pci/devices/0000:01:00.0
     #[arg(long, value_name = "path=/sys/bus/pci/devices/BDF[,id=ID]")]
     device: Vec<String>,
+
+    /// Serve the control socket (JSON over HTTP/1.1) at PATH while the VM runs; steer it
+    /// with `tandem ctl --api-socket PATH ...`. Example: --api-socket /run/tandem/vm0.sock
+    #[arg(long, value_name = "PATH")]
+    api_socket: Option<PathBuf>,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -80,6 +86,17 @@ enum Command {
     /// Restore the VFs and devices a killed tandem left bound to vfio-pci (original
     /// driver, MAC, VLAN and flags; VFs it created removed).
     Cleanup,
+    /// Steer a running VM through its control socket: info, counters, pause, resume,
+    /// shutdown, device-remove ID, device-add vf=SPEC|device=SPEC.
+    /// Example: tandem ctl --api-socket /run/tandem/vm0.sock pause
+    Ctl {
+        /// The socket the VM was started with (--api-socket).
+        #[arg(long, value_name = "PATH")]
+        api_socket: PathBuf,
+        /// The command and its arguments.
+        #[arg(required = true, num_args = 1.., value_name = "COMMAND")]
+        command: Vec<String>,
+    },
 }
 
 fn parse_memory(s: &str) -> Result<(u64, bool), String> {
@@ -166,10 +183,33 @@ fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmStopper) {
 
 fn run(cli: Cli) -> anyhow::Result<GuestExit> {
     let signals = block_stop_signals();
+    let api_socket = cli.api_socket.clone();
     let config = cli.into_config()?;
     let vm = vmm::start(&config).context("cannot start the VM")?;
     forward_stop_signals(signals, vm.stopper());
+    // Dropped (socket removed) after the VM has ended, on every path out of here.
+    let _server = match api_socket {
+        Some(path) => Some(
+            vmm::api::ApiServer::start(&path, Arc::new(vmm::control::Control::new(&vm, &config)))
+                .context("cannot serve the control socket")?,
+        ),
+        None => None,
+    };
     Ok(vm.wait()?)
+}
+
+/// `tandem ctl`: one request; the answer on stdout.
+fn ctl(socket: &std::path::Path, words: &[String]) -> ExitCode {
+    match vmm::api::run_ctl(socket, words) {
+        Ok(out) => {
+            println!("{out}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem ctl: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 /// The error chain in one line. The library's messages already carry their cause's
@@ -190,8 +230,10 @@ fn describe(e: &anyhow::Error) -> String {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Cleanup) = cli.command {
-        return cleanup();
+    match &cli.command {
+        Some(Command::Cleanup) => return cleanup(),
+        Some(Command::Ctl { api_socket, command }) => return ctl(api_socket, command),
+        None => {}
     }
     match run(cli) {
         Ok(exit) if exit.is_clean() => ExitCode::SUCCESS,

@@ -1,14 +1,14 @@
 //! A started VM: its vCPU threads, and the wait for the guest (or the host) to end it.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitLatch, GuestExit};
 use crate::sriov::Leases;
 use crate::terminal::StdinPump;
-use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuHandle};
+use crate::vcpu::{install_kick_handler, ExitCounters, PauseGate, Vcpu, VcpuHandle};
 use crate::vm::Vm;
 
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +25,95 @@ pub enum RunError {
     Wait(#[source] std::io::Error),
     #[error("{0} vCPU thread(s) did not stop within 10 s of being asked to; the VM was leaked")]
     StuckVcpus(usize),
+    #[error("the VM has ended")]
+    Ended,
+    #[error("the VM is already paused")]
+    AlreadyPaused,
+    #[error("the VM is not paused")]
+    NotPaused,
+    #[error("only {parked} of {vcpus} vCPUs stopped within 5 s; the VM keeps running")]
+    PauseTimeout { parked: usize, vcpus: usize },
 }
 
-/// Lets another thread (a signal handler thread, an API server) stop a running VM.
+/// What other threads (the signal thread, the API server) may do to a running VM:
+/// stop it, pause and resume its vCPUs, read its counters. Cheap to clone.
 #[derive(Clone)]
-pub struct VmStopper(Arc<ExitLatch>);
+pub struct VmStopper {
+    latch: Arc<ExitLatch>,
+    gate: Arc<PauseGate>,
+    counters: Arc<ExitCounters>,
+    /// The vCPU threads to kick, emptied (under the write lock) before they are joined,
+    /// so a kick never targets a reclaimed thread.
+    kick: Arc<RwLock<Vec<KickTarget>>>,
+}
+
+/// A vCPU thread as a kick target: its pthread id, valid until joined.
+struct KickTarget {
+    pthread: libc::pthread_t,
+    done: Arc<std::sync::atomic::AtomicBool>,
+}
+
+// SAFETY: a pthread_t is an opaque id; sending it between threads is what pthread_kill
+// expects, and `KickTarget`s are only used under the `kick` lock (see `VmStopper`).
+unsafe impl Send for KickTarget {}
+// SAFETY: as for Send; the id is only read.
+unsafe impl Sync for KickTarget {}
 
 impl VmStopper {
     pub fn stop(&self, reason: GuestExit) {
-        self.0.set(reason);
+        self.latch.set(reason);
+    }
+
+    fn kick_all(&self) -> usize {
+        let targets = self.kick.read().unwrap_or_else(|e| e.into_inner());
+        let mut live = 0;
+        for t in targets.iter().filter(|t| !t.done.load(std::sync::atomic::Ordering::Acquire)) {
+            live += 1;
+            // SAFETY: the thread has not been joined (targets are removed first), so its
+            // id still names it, finished or not.
+            unsafe { libc::pthread_kill(t.pthread, crate::vcpu::kick_signal()) };
+        }
+        live
+    }
+
+    /// Stops every vCPU outside KVM_RUN: no guest instruction runs until `resume`.
+    /// Devices keep running (a paused guest's NIC still receives into its queues).
+    pub fn pause(&self) -> Result<(), RunError> {
+        if self.latch.is_set() {
+            return Err(RunError::Ended);
+        }
+        if self.gate.is_closed() {
+            return Err(RunError::AlreadyPaused);
+        }
+        self.gate.close();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // A kick that lands between two KVM_RUNs is lost: repeat until all parked.
+            let live = self.kick_all();
+            if self.gate.wait_parked(live, Duration::from_millis(2)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline || self.latch.is_set() {
+                self.gate.open();
+                return Err(RunError::PauseTimeout { parked: self.gate.parked(), vcpus: live });
+            }
+        }
+    }
+
+    pub fn resume(&self) -> Result<(), RunError> {
+        if !self.gate.is_closed() {
+            return Err(RunError::NotPaused);
+        }
+        self.gate.open();
+        Ok(())
+    }
+
+    pub fn is_paused(&self) -> bool {
+        self.gate.is_closed()
+    }
+
+    pub fn counters(&self) -> &ExitCounters {
+        &self.counters
     }
 }
 
@@ -44,6 +124,8 @@ pub struct RunningVm {
     stdin: Option<StdinPump>,
     latch: Arc<ExitLatch>,
     counters: Arc<ExitCounters>,
+    gate: Arc<PauseGate>,
+    kick: Arc<RwLock<Vec<KickTarget>>>,
     /// `None` once leaked, with the VM: see `halt_vcpus`.
     devices: Option<DeviceManager>,
     /// `None` once leaked: see `halt_vcpus`.
@@ -73,6 +155,8 @@ impl RunningVm {
             stdin,
             latch,
             counters,
+            gate: Arc::new(PauseGate::default()),
+            kick: Arc::new(RwLock::new(Vec::new())),
             devices: Some(devices),
             vm: Some(vm),
             leases: Some(leases),
@@ -80,15 +164,36 @@ impl RunningVm {
         install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
             let id = vcpu.id();
-            let handle = VcpuHandle::spawn(vcpu, buses.clone(), running.counters.clone(), running.latch.clone())
-                .map_err(|source| RunError::SpawnVcpu { id, source })?;
+            let handle = VcpuHandle::spawn(
+                vcpu,
+                buses.clone(),
+                running.counters.clone(),
+                running.latch.clone(),
+                running.gate.clone(),
+            )
+            .map_err(|source| RunError::SpawnVcpu { id, source })?;
+            running
+                .kick
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(KickTarget { pthread: handle.pthread(), done: handle.done.clone() });
             running.vcpus.push(handle);
         }
         Ok(running)
     }
 
+    /// The devices on the guest's PCI bus with their counters.
+    pub fn device_summary(&self) -> Vec<crate::device_manager::DeviceSummary> {
+        self.devices.as_ref().map_or_else(Vec::new, |d| d.summary())
+    }
+
     pub fn stopper(&self) -> VmStopper {
-        VmStopper(self.latch.clone())
+        VmStopper {
+            latch: self.latch.clone(),
+            gate: self.gate.clone(),
+            counters: self.counters.clone(),
+            kick: self.kick.clone(),
+        }
     }
 
     pub fn counters(&self) -> Arc<ExitCounters> {
@@ -126,6 +231,10 @@ impl RunningVm {
     fn halt_vcpus(&mut self) -> usize {
         // Dropped without `wait`: the embedder gave up on the VM.
         self.latch.set(GuestExit::Stopped { signal: 0 });
+        // Parked vCPUs wait on the gate, not in KVM: let them see the latch.
+        self.gate.open();
+        // No kick through a VmStopper from here on: the threads are about to be joined.
+        self.kick.write().unwrap_or_else(|e| e.into_inner()).clear();
         if let Some(pump) = self.stdin.take() {
             pump.stop();
         }

@@ -114,9 +114,13 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops, dispatching exits. The latch is checked
     /// whenever KVM_RUN returns, which a signal to this thread forces (see
     /// `VcpuHandle::kick`).
-    pub fn run(mut self, buses: &Buses, counters: &ExitCounters, latch: &ExitLatch) {
+    pub fn run(mut self, buses: &Buses, counters: &ExitCounters, latch: &ExitLatch, gate: &PauseGate) {
         let id = self.id;
         while !latch.is_set() {
+            gate.park_while_paused(latch);
+            if latch.is_set() {
+                break;
+            }
             let outcome = match self.fd.run() {
                 Ok(exit) => dispatch(id, exit, buses, counters),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
@@ -195,10 +199,80 @@ fn dispatch(id: u32, exit: VcpuExit<'_>, buses: &Buses, counters: &ExitCounters)
     None
 }
 
+/// Holds vCPU threads outside KVM_RUN while the VM is paused. A vCPU parks at the top of
+/// its loop; the pauser kicks it out of KVM_RUN and waits until all have parked, so
+/// that "paused" means no guest instruction runs.
+#[derive(Default)]
+pub struct PauseGate {
+    state: std::sync::Mutex<GateState>,
+    changed: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct GateState {
+    paused: bool,
+    parked: usize,
+}
+
+impl PauseGate {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GateState> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn park_while_paused(&self, latch: &ExitLatch) {
+        let mut st = self.lock();
+        if !st.paused {
+            return;
+        }
+        st.parked += 1;
+        self.changed.notify_all();
+        while st.paused && !latch.is_set() {
+            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+        st.parked -= 1;
+    }
+
+    /// Asks vCPUs to park; they do at their next pass through the loop (see `parked`).
+    pub fn close(&self) {
+        self.lock().paused = true;
+    }
+
+    /// Releases parked vCPUs (also what stopping the VM does, so none stays parked).
+    pub fn open(&self) {
+        self.lock().paused = false;
+        self.changed.notify_all();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.lock().paused
+    }
+
+    /// How many vCPUs are parked now.
+    pub fn parked(&self) -> usize {
+        self.lock().parked
+    }
+
+    /// Waits up to `timeout` for `count` vCPUs to park; returns whether they did.
+    pub fn wait_parked(&self, count: usize, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.parked < count {
+            let now = std::time::Instant::now();
+            if now >= deadline || !st.paused {
+                return false;
+            }
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
+        }
+        true
+    }
+}
+
 /// A running vCPU thread.
 pub struct VcpuHandle {
     pub id: u32,
     pub thread: std::thread::JoinHandle<()>,
+    /// Set by the thread as it ends (before it can be joined).
+    pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The signal used to knock vCPU threads out of KVM_RUN.
@@ -221,11 +295,22 @@ impl VcpuHandle {
         buses: Arc<Buses>,
         counters: Arc<ExitCounters>,
         latch: Arc<ExitLatch>,
+        gate: Arc<PauseGate>,
     ) -> std::io::Result<Self> {
         let id = vcpu.id();
-        let thread =
-            std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || vcpu.run(&buses, &counters, &latch))?;
-        Ok(Self { id, thread })
+        let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = done.clone();
+        let thread = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+            vcpu.run(&buses, &counters, &latch, &gate);
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        })?;
+        Ok(Self { id, thread, done })
+    }
+
+    /// The thread's pthread id, for kicks from other threads (valid until joined).
+    pub fn pthread(&self) -> libc::pthread_t {
+        use std::os::unix::thread::JoinHandleExt;
+        self.thread.as_pthread_t()
     }
 
     /// Interrupts KVM_RUN on this vCPU's thread so it sees the stop flag.

@@ -206,3 +206,35 @@ fn a_guest_that_never_exits_is_stopped_from_the_host() {
     // `wait` fails with StuckVcpus if the halted vCPU could not be kicked out of KVM_RUN.
     assert_eq!(running.wait().unwrap(), GuestExit::Stopped { signal: 15 });
 }
+
+#[test]
+fn a_paused_guest_runs_no_instruction_until_resumed() {
+    // loop: mov dx,0x1234; in al,dx; jmp loop     ; an unhandled port read per pass
+    let code = [0xba, 0x34, 0x12, 0xec, 0xeb, 0xfb];
+    let t = tiny_vm(&code);
+    let v = vcpu(&t);
+    v.set_real_mode_entry(CODE).unwrap();
+    let running = with_watchdog(RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap());
+    let handle = running.stopper();
+    let counters = running.counters();
+    let reads = || counters.pio_unhandled.load(Relaxed);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(reads() > 0, "the guest loops");
+
+    handle.pause().expect("pause");
+    assert!(handle.is_paused());
+    let at_pause = reads();
+    std::thread::sleep(Duration::from_millis(100));
+    assert_eq!(reads(), at_pause, "a paused vCPU ran guest code");
+    assert!(matches!(handle.pause(), Err(vmm::RunError::AlreadyPaused)));
+
+    handle.resume().expect("resume");
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(reads() > at_pause, "the vCPU did not run again after resume");
+    assert!(matches!(handle.resume(), Err(vmm::RunError::NotPaused)));
+
+    // Stopping a paused VM still ends it (parked vCPUs see the stop).
+    handle.pause().expect("pause again");
+    handle.stop(GuestExit::Stopped { signal: 15 });
+    assert_eq!(running.wait().unwrap(), GuestExit::Stopped { signal: 15 });
+}

@@ -75,6 +75,36 @@ pub struct PciDeviceEntry {
     pub id: String,
     pub slot: u8,
     pub device: ::pci::SharedPciDevice,
+    pub stats: DeviceStats,
+}
+
+/// Where a device's counters are, for `info` and `counters` (the API).
+#[derive(Clone)]
+pub enum DeviceStats {
+    Net(Arc<devices::virtio::net::NetCounters>),
+    Block(Arc<devices::virtio::block::BlockCounters>),
+    /// A host device passed through with VFIO, by its PCI address.
+    Passthrough {
+        bdf: String,
+    },
+}
+
+impl DeviceStats {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Net(_) => "virtio-net",
+            Self::Block(_) => "virtio-blk",
+            Self::Passthrough { .. } => "vfio-pci",
+        }
+    }
+}
+
+/// One device as the API lists it.
+#[derive(Clone)]
+pub struct DeviceSummary {
+    pub id: String,
+    pub slot: u8,
+    pub stats: DeviceStats,
 }
 
 pub struct DeviceManager {
@@ -109,6 +139,12 @@ impl DeviceManager {
     /// The devices on the PCI bus.
     pub fn pci_devices(&self) -> &[PciDeviceEntry] {
         &self.pci_devices
+    }
+
+    /// The devices on the PCI bus, for another thread to report on.
+    pub fn summary(&self) -> Vec<DeviceSummary> {
+        let entry = |e: &PciDeviceEntry| DeviceSummary { id: e.id.clone(), slot: e.slot, stats: e.stats.clone() };
+        self.pci_devices.iter().map(entry).collect()
     }
 
     /// BAR moves the guest asked for that could not be applied (overlaps, KVM refusals).

@@ -18,7 +18,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
-use super::{DeviceError, DeviceManager, PciDeviceEntry};
+use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry};
 use crate::interrupt::{KvmIntxLine, KvmMsiVectors};
 use crate::vm::GuestMemory;
 
@@ -235,7 +235,8 @@ impl DeviceManager {
         let typed = Arc::new(Mutex::new(dev));
         let shared: pci::SharedPciDevice = typed.clone();
         let slot = pci.segment.add(shared.clone())?;
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
+        let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
+        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
         if let Some(pin) = intx_pin {
             // The DSDT's _PRT routes this slot and pin to this IOAPIC input (boot::layout).
             let line = Arc::new(KvmIntxLine::new(pci.vm.clone(), boot::layout::pci_intx_gsi(slot, pin))?);

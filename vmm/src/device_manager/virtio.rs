@@ -9,7 +9,7 @@ use devices::virtio::VirtioDevice;
 use pci::virtio_pci::msix_vector_count;
 use pci::VirtioPciDevice;
 
-use super::{DeviceError, DeviceManager, PciDeviceEntry};
+use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry};
 use crate::config::{DiskConfig, NetConfig};
 use crate::interrupt::KvmMsiVectors;
 
@@ -19,23 +19,25 @@ impl DeviceManager {
             BlockConfig { path: disk.path.clone(), readonly: disk.readonly, direct: disk.direct, id: disk.id.clone() };
         let block =
             Block::new(config).map_err(|e| DeviceError::Backend { id: disk.id.clone(), reason: e.to_string() })?;
-        self.add_virtio(&disk.id, Box::new(block))
+        let stats = DeviceStats::Block(block.counters());
+        self.add_virtio(&disk.id, Box::new(block), stats)
     }
 
     pub fn add_net(&mut self, nic: &NetConfig) -> Result<u8, DeviceError> {
         let config = net::NetConfig { tap: nic.tap.clone(), mac: nic.mac, queue_pairs: nic.queues };
         let dev = Net::new(&config).map_err(|e| DeviceError::Backend { id: nic.id.clone(), reason: e.to_string() })?;
-        self.add_virtio(&nic.id, Box::new(dev))
+        let stats = DeviceStats::Net(dev.counters());
+        self.add_virtio(&nic.id, Box::new(dev), stats)
     }
 
-    fn add_virtio(&mut self, id: &str, device: Box<dyn VirtioDevice>) -> Result<u8, DeviceError> {
+    fn add_virtio(&mut self, id: &str, device: Box<dyn VirtioDevice>, stats: DeviceStats) -> Result<u8, DeviceError> {
         let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
         let vectors = Arc::new(KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), msix_vector_count(&*device))?);
         let transport = VirtioPciDevice::new(device, pci.memory.clone(), vectors, pci.event_loop.clone())
             .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: e.to_string() })?;
         let shared: pci::SharedPciDevice = Arc::new(Mutex::new(transport));
         let slot = pci.segment.add(shared.clone())?;
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared });
+        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
         Ok(slot)
     }
 }
