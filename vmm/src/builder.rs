@@ -79,6 +79,19 @@ pub enum BuildError {
 /// Builds the VM `config` describes and starts its vCPUs.
 pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     config.validate()?;
+    // A failover pair shares one MAC: settle it before either device is made.
+    let mut resolved = config.clone();
+    let mut no_random = None;
+    resolved.resolve_failover_macs(|| {
+        devices::virtio::net::random_mac().unwrap_or_else(|e| {
+            no_random = Some(e);
+            [0; 6]
+        })
+    });
+    if let Some(e) = no_random {
+        return Err(BuildError::BootData { what: "a random MAC for a failover pair", reason: e.to_string() });
+    }
+    let config = &resolved;
     // User mistakes first: a wrong path should not be reported as a KVM problem.
     let mut kernel_file = open("kernel", &config.kernel)?;
     let mut initrd_file = config.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;

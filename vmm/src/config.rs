@@ -19,6 +19,8 @@ pub enum ConfigError {
     BadDevice { flag: &'static str, value: String, reason: String, example: &'static str },
     #[error("two devices have the id {0:?}: give each --net/--disk/--vf/--device its own id=")]
     DuplicateId(String),
+    #[error("--vf {vf}: {reason}; e.g. --net tap=tap0,id=net0,standby=on --vf pf=eth0,index=0,failover=net0")]
+    Failover { vf: String, reason: String },
     #[error("--memory {value:?}: {reason}; e.g. --memory 2G or --memory size=2G,hugepages=on")]
     BadMemory { value: String, reason: String },
 }
@@ -59,6 +61,8 @@ pub struct NetConfig {
     pub mac: Option<[u8; 6]>,
     /// Queue pairs (multiqueue when > 1).
     pub queues: u16,
+    /// Offer VIRTIO_NET_F_STANDBY: the standby of a VF given `--vf ...,failover=<this id>`.
+    pub standby: bool,
 }
 
 /// A virtio-blk disk on a raw image file or block device.
@@ -132,7 +136,44 @@ impl VmConfig {
                 return Err(ConfigError::DuplicateId(id.clone()));
             }
         }
+        self.validate_failover()
+    }
+
+    /// Each `failover=` names a `--net` with `standby=on` that no other VF claims, and a
+    /// MAC given on both sides is the same one (the guest pairs them by MAC).
+    fn validate_failover(&self) -> Result<(), ConfigError> {
+        let mut paired = std::collections::HashSet::new();
+        for vf in &self.vfs {
+            let Some(net_id) = &vf.failover else { continue };
+            let bad = |reason: String| ConfigError::Failover { vf: vf.id.clone(), reason };
+            let Some(nic) = self.nets.iter().find(|n| &n.id == net_id) else {
+                return Err(bad(format!("failover={net_id}: no --net has id={net_id}")));
+            };
+            if !nic.standby {
+                return Err(bad(format!("failover={net_id}: give that NIC standby=on")));
+            }
+            if !paired.insert(net_id) {
+                return Err(bad(format!("failover={net_id}: another VF is already paired with it")));
+            }
+            if let (Some(a), Some(b)) = (vf.mac, nic.mac) {
+                if a != b {
+                    return Err(bad(format!("its mac differs from {net_id}'s: a failover pair shares one MAC")));
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Gives each failover pair one MAC: the NIC's, else the VF's, else a random one.
+    /// Run after `validate`.
+    pub fn resolve_failover_macs(&mut self, mut random: impl FnMut() -> [u8; 6]) {
+        for vf in &mut self.vfs {
+            let Some(net_id) = &vf.failover else { continue };
+            let Some(nic) = self.nets.iter_mut().find(|n| &n.id == net_id) else { continue };
+            let mac = nic.mac.or(vf.mac).unwrap_or_else(&mut random);
+            nic.mac = Some(mac);
+            vf.mac = Some(mac);
+        }
     }
 }
 
@@ -184,13 +225,13 @@ pub(crate) fn parse_mac(s: &str) -> Option<[u8; 6]> {
 }
 
 impl NetConfig {
-    const EXAMPLE: &'static str = "tap=tap0,mac=02:00:00:00:00:01,id=net0,queues=1";
+    const EXAMPLE: &'static str = "tap=tap0,mac=02:00:00:00:00:01,id=net0,queues=1,standby=on";
 
-    /// Parses `tap=NAME[,mac=MAC][,id=ID][,queues=N]`; `index` names it `netN` without id.
+    /// Parses `tap=NAME[,mac=MAC][,id=ID][,queues=N][,standby=on]`; `index` names it `netN` without id.
     pub fn parse(value: &str, index: usize) -> Result<Self, ConfigError> {
         let flag = DeviceFlag { flag: "net", example: Self::EXAMPLE, value };
         let bad = |reason: String| flag.error(reason);
-        let mut net = NetConfig { id: format!("net{index}"), tap: String::new(), mac: None, queues: 1 };
+        let mut net = NetConfig { id: format!("net{index}"), tap: String::new(), mac: None, queues: 1, standby: false };
         for (k, v) in flag.pairs()? {
             match k {
                 "tap" => net.tap = v.to_string(),
@@ -207,7 +248,8 @@ impl NetConfig {
                         .filter(|q| (1..=16).contains(q))
                         .ok_or_else(|| bad(format!("queues={v:?} must be 1 to 16")))?
                 }
-                _ => return Err(bad(format!("unknown key {k:?} (tap, mac, id, queues)"))),
+                "standby" => net.standby = flag.on_off(k, v)?,
+                _ => return Err(bad(format!("unknown key {k:?} (tap, mac, id, queues, standby)"))),
             }
         }
         if net.tap.is_empty() {
@@ -324,11 +366,18 @@ mod tests {
 
     #[test]
     fn net_flags() {
-        let n = NetConfig::parse("tap=tap0,mac=02:aa:bb:cc:dd:ee,id=lan,queues=2", 0).unwrap();
+        let n = NetConfig::parse("tap=tap0,mac=02:aa:bb:cc:dd:ee,id=lan,queues=2,standby=on", 0).unwrap();
         assert_eq!(
             n,
-            NetConfig { id: "lan".into(), tap: "tap0".into(), mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]), queues: 2 }
+            NetConfig {
+                id: "lan".into(),
+                tap: "tap0".into(),
+                mac: Some([2, 0xaa, 0xbb, 0xcc, 0xdd, 0xee]),
+                queues: 2,
+                standby: true
+            }
         );
+        assert!(!NetConfig::parse("tap=t", 0).unwrap().standby);
         assert_eq!(NetConfig::parse("tap=t", 3).unwrap().id, "net3");
         for bad in [
             "",
@@ -354,6 +403,37 @@ mod tests {
         for bad in ["", "readonly=on", "path=/x,readonly=yes", "path=/x,size=1G"] {
             assert!(DiskConfig::parse(bad, 0).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn failover_pairs_are_checked_and_share_a_mac() {
+        let vf = |v: &str| crate::sriov::VfSpec::parse(v, 0).unwrap();
+        let mut c = VmConfig::new("/k");
+        c.nets.push(NetConfig::parse("tap=t0,id=n0,standby=on", 0).unwrap());
+        c.vfs.push(vf("pf=eth0,index=0,failover=n0"));
+        assert_eq!(c.validate(), Ok(()));
+        c.resolve_failover_macs(|| [2, 9, 9, 9, 9, 9]);
+        assert_eq!((c.nets[0].mac, c.vfs[0].mac), (Some([2, 9, 9, 9, 9, 9]), Some([2, 9, 9, 9, 9, 9])));
+
+        let refused = |nets: &[&str], vfs: &[&str], why: &str| {
+            let mut c = VmConfig::new("/k");
+            c.nets = nets.iter().enumerate().map(|(i, n)| NetConfig::parse(n, i).unwrap()).collect();
+            c.vfs = vfs.iter().map(|v| vf(v)).collect();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(why) && e.contains("e.g."), "{nets:?} {vfs:?}: {e}");
+        };
+        refused(&["tap=t0,id=n0"], &["pf=eth0,index=0,failover=n0"], "standby=on");
+        refused(&["tap=t0,id=n0,standby=on"], &["pf=eth0,index=0,failover=nx"], "no --net has id=nx");
+        refused(
+            &["tap=t0,id=n0,standby=on"],
+            &["pf=eth0,index=0,failover=n0,id=a", "pf=eth0,index=1,failover=n0,id=b"],
+            "already paired",
+        );
+        refused(
+            &["tap=t0,id=n0,standby=on,mac=02:00:00:00:00:01"],
+            &["pf=eth0,index=0,failover=n0,mac=02:00:00:00:00:02"],
+            "shares one MAC",
+        );
     }
 
     #[test]

@@ -24,7 +24,8 @@ impl DeviceManager {
     }
 
     pub fn add_net(&mut self, nic: &NetConfig) -> Result<u8, DeviceError> {
-        let config = net::NetConfig { tap: nic.tap.clone(), mac: nic.mac, queue_pairs: nic.queues };
+        let config =
+            net::NetConfig { tap: nic.tap.clone(), mac: nic.mac, queue_pairs: nic.queues, standby: nic.standby };
         let dev = Net::new(&config).map_err(|e| DeviceError::Backend { id: nic.id.clone(), reason: e.to_string() })?;
         let stats = DeviceStats::Net(dev.counters());
         self.add_virtio(&nic.id, Box::new(dev), stats)

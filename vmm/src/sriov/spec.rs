@@ -23,6 +23,8 @@ pub struct VfSpec {
     pub trust: Option<bool>,
     /// Create the PF's VFs when it has none.
     pub create: bool,
+    /// The id of the `--net ...,standby=on` NIC this VF is the primary of (failover).
+    pub failover: Option<String>,
 }
 
 /// Any PCI device handed to the guest whole, named by its sysfs directory.
@@ -62,6 +64,7 @@ impl VfSpec {
             spoofchk: None,
             trust: None,
             create: false,
+            failover: None,
         };
         let mut have_index = false;
         for (k, v) in flag.pairs()? {
@@ -99,8 +102,13 @@ impl VfSpec {
                 "spoofchk" => vf.spoofchk = Some(flag.on_off(k, v)?),
                 "trust" => vf.trust = Some(flag.on_off(k, v)?),
                 "create" => vf.create = flag.on_off(k, v)?,
+                "failover" if !v.is_empty() => vf.failover = Some(v.to_string()),
                 "id" if !v.is_empty() => vf.id = v.to_string(),
-                _ => return Err(bad(format!("unknown key {k:?} (pf, index, mac, vlan, spoofchk, trust, create, id)"))),
+                _ => {
+                    return Err(bad(format!(
+                        "unknown key {k:?} (pf, index, mac, vlan, spoofchk, trust, create, failover, id)"
+                    )))
+                }
             }
         }
         if vf.pf.is_empty() {
@@ -156,9 +164,11 @@ mod tests {
 
     #[test]
     fn vf_flags() {
-        let vf =
-            VfSpec::parse("pf=eth0,index=3,mac=02:aa:bb:cc:dd:ee,vlan=100,spoofchk=off,trust=on,create=on,id=x", 0)
-                .unwrap();
+        let vf = VfSpec::parse(
+            "pf=eth0,index=3,mac=02:aa:bb:cc:dd:ee,vlan=100,spoofchk=off,trust=on,create=on,id=x,failover=n0",
+            0,
+        )
+        .unwrap();
         assert_eq!(
             vf,
             VfSpec {
@@ -170,6 +180,7 @@ mod tests {
                 spoofchk: Some(false),
                 trust: Some(true),
                 create: true,
+                failover: Some("n0".into()),
             }
         );
         assert!(vf.wants_netlink());

@@ -75,7 +75,7 @@ fn tun_offload(acked: u64) -> u32 {
 /// A random unicast, locally administered MAC: 02:xx:xx:xx:xx:xx with 40 random bits
 /// (the 0x02 first byte sets the locally-administered bit and clears the multicast
 /// one, so it cannot collide with a vendor-assigned address such as QEMU's 52:54:00).
-fn random_mac() -> io::Result<[u8; 6]> {
+pub fn random_mac() -> io::Result<[u8; 6]> {
     let mut mac = [0x02, 0, 0, 0, 0, 0];
     fill_random(&mut mac[1..])?;
     Ok(mac)
@@ -156,6 +156,8 @@ pub struct Net {
     queue_sizes: Vec<u16>,
     link: NetLink,
     counters: Arc<NetCounters>,
+    /// The driver acked VIRTIO_NET_F_STANDBY (readable from other threads).
+    standby_acked: Arc<AtomicBool>,
 }
 
 impl fmt::Debug for Net {
@@ -184,6 +186,9 @@ impl Net {
         let backends = queues.into_iter().map(|q| Box::new(q) as Box<dyn NetBackend>).collect();
         let mut net = Self::build(info.name.clone(), mac, backends);
         net.tap = Some(info);
+        if config.standby {
+            net.offer_standby();
+        }
         Ok(net)
     }
 
@@ -220,11 +225,24 @@ impl Net {
             queue_sizes,
             link: NetLink::new(),
             counters: Arc::new(NetCounters::default()),
+            standby_acked: Arc::new(AtomicBool::new(false)),
         }
     }
 
     pub fn mac(&self) -> [u8; 6] {
         self.mac
+    }
+
+    /// Offers VIRTIO_NET_F_STANDBY (see [`NetConfig::standby`]).
+    pub fn offer_standby(&mut self) {
+        self.avail_features |= bit(VIRTIO_NET_F_STANDBY);
+    }
+
+    /// Whether the driver accepted VIRTIO_NET_F_STANDBY: it will pair this NIC with a VF
+    /// of the same MAC, so the VF may be shown to it (a guest without net_failover would
+    /// see two unrelated NICs with one MAC).
+    pub fn standby_negotiated(&self) -> Arc<AtomicBool> {
+        Arc::clone(&self.standby_acked)
     }
 
     pub fn queue_pairs(&self) -> u16 {
@@ -341,6 +359,7 @@ impl VirtioDevice for Net {
 
     fn set_acked_features(&mut self, features: u64) {
         self.acked_features = features & self.avail_features;
+        self.standby_acked.store(self.acked_features & bit(VIRTIO_NET_F_STANDBY) != 0, Ordering::Release);
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
@@ -366,6 +385,7 @@ impl VirtioDevice for Net {
         // The worker, with its duplicated fds, is gone; ours keep the tap (and its
         // queues) alive for the next activation.
         self.acked_features = 0;
+        self.standby_acked.store(false, Ordering::Release);
         self.link.set_interrupt(None);
     }
 }

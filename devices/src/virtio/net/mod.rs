@@ -35,7 +35,7 @@ mod tests;
 
 pub use backend::{FdBackend, NetBackend};
 pub use counters::{NetCounters, NetStats};
-pub use device::{Net, NetLink};
+pub use device::{random_mac, Net, NetLink};
 pub use tap::{Tap, TapError, TapInfo, TapQueue};
 
 /// Size of each receive and transmit queue offered to the driver.
@@ -67,6 +67,9 @@ pub struct NetConfig {
     /// Receive/transmit queue pairs, 1 to [`MAX_QUEUE_PAIRS`]; more than one offers
     /// VIRTIO_NET_F_MQ and opens one tap queue per pair.
     pub queue_pairs: u16,
+    /// Offer VIRTIO_NET_F_STANDBY: the NIC is the standby of a passthrough VF with the
+    /// same MAC, and the guest (Linux's net_failover) pairs the two under one master.
+    pub standby: bool,
 }
 
 #[derive(Debug, thiserror::Error)]

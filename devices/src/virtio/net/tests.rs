@@ -170,6 +170,25 @@ fn features_queues_and_config_space() {
 }
 
 #[test]
+fn standby_is_offered_only_when_asked_and_tracks_the_driver() {
+    let mut plain = rig(1);
+    assert_eq!(plain.net.features() & bit(VIRTIO_NET_F_STANDBY), 0, "offered without standby=on");
+    let mut net = rig(1);
+    net.net.offer_standby();
+    assert_ne!(net.net.features() & bit(VIRTIO_NET_F_STANDBY), 0);
+    let acked = net.net.standby_negotiated();
+    net.net.set_acked_features(net.net.features() & !bit(VIRTIO_NET_F_STANDBY));
+    assert!(!acked.load(std::sync::atomic::Ordering::Acquire), "a driver without net_failover");
+    net.net.set_acked_features(net.net.features());
+    assert!(acked.load(std::sync::atomic::Ordering::Acquire));
+    net.net.reset();
+    assert!(!acked.load(std::sync::atomic::Ordering::Acquire), "a reset forgets it");
+    // Acking a bit that was not offered does not count.
+    plain.net.set_acked_features(u64::MAX);
+    assert!(!plain.net.standby_negotiated().load(std::sync::atomic::Ordering::Acquire));
+}
+
+#[test]
 fn invalid_configurations_are_refused() {
     let backends = || vec![Box::new(FdBackend::new(datagram_pair().0.into())) as Box<dyn NetBackend>];
     let e = Net::with_backends("t", Some([1, 2, 3, 4, 5, 6]), backends()).unwrap_err();
@@ -376,7 +395,8 @@ fn frames_cross_a_real_tap() {
     use super::tap::tests::{exists, unique_name};
 
     let name = unique_name();
-    let config = NetConfig { tap: name.clone(), mac: Some([2, 0, 0, 0xab, 0xcd, 0xef]), queue_pairs: 1 };
+    let config =
+        NetConfig { tap: name.clone(), mac: Some([2, 0, 0, 0xab, 0xcd, 0xef]), queue_pairs: 1, standby: false };
     let net = Net::new(&config)
         .unwrap_or_else(|e| panic!("this test creates a tap and needs /dev/net/tun and root or CAP_NET_ADMIN: {e}"));
     assert_eq!(net.tap().map(|t| t.existed), Some(false));
