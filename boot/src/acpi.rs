@@ -20,6 +20,9 @@
 //! makes Linux reboot via EFI and, with no EFI, via the BIOS reset vector instead of
 //! the FADT reset register, so `write_acpi_tables` puts a reset stub at the reset
 //! vector (see `reset_vector`).
+//!
+//! With `AcpiOptions::pci_hotplug` set, the DSDT also describes ACPI PCI hot-plug of
+//! bus 0's slots and the Generic Event Device that signals it (see `hotplug`).
 
 use acpi_tables::aml::{
     AddressSpace, AddressSpaceCacheable, Device, EISAName, Interrupt, Memory32Fixed, Name, Package, PackageBuilder,
@@ -40,6 +43,10 @@ use crate::layout::{
     PIT_IOAPIC_PIN, RESET_VECTOR, RTC_IRQ, RTC_PORT,
 };
 use crate::reset_vector::{write_reset_vector, ResetVectorError};
+
+pub mod hotplug;
+
+pub use hotplug::{HotplugAmlError, PciHotplugAml};
 
 /// Sleep control register: SLP_EN, bit 5.
 pub const SLP_EN: u8 = 1 << 5;
@@ -101,6 +108,18 @@ pub enum AcpiError {
     Write { table: &'static str, addr: u64, source: GuestMemoryError },
     #[error(transparent)]
     ResetVector(#[from] ResetVectorError),
+    #[error(transparent)]
+    Hotplug(#[from] HotplugAmlError),
+}
+
+/// What the tables describe beyond the fixed platform. The default is the platform
+/// alone.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct AcpiOptions {
+    /// ACPI PCI hot-plug: slot objects under PCI0 and a GED that reaches the
+    /// `devices::hotplug::PciHotplugController` at `port`, interrupting on `gsi`.
+    /// `Some(PciHotplugAml::default())` uses the layout's port and GSI.
+    pub pci_hotplug: Option<PciHotplugAml>,
 }
 
 /// Builds and writes all ACPI tables for `num_cpus` vCPUs (APIC IDs 0..num_cpus, the
@@ -113,7 +132,17 @@ pub fn write_acpi_tables<M: GuestMemoryBackend>(
     layout: &MemoryLayout,
     num_cpus: u8,
 ) -> Result<GuestAddress, AcpiError> {
-    let tables = build_tables(layout, num_cpus)?;
+    write_acpi_tables_with(mem, layout, num_cpus, &AcpiOptions::default())
+}
+
+/// `write_acpi_tables` with the optional parts in `options`.
+pub fn write_acpi_tables_with<M: GuestMemoryBackend>(
+    mem: &M,
+    layout: &MemoryLayout,
+    num_cpus: u8,
+    options: &AcpiOptions,
+) -> Result<GuestAddress, AcpiError> {
+    let tables = build_tables(layout, num_cpus, options)?;
     for (table, addr, bytes) in &tables.placed {
         mem.write_slice(bytes, GuestAddress(*addr)).map_err(|source| AcpiError::Write {
             table,
@@ -144,14 +173,17 @@ impl Placer {
     }
 }
 
-fn build_tables(layout: &MemoryLayout, num_cpus: u8) -> Result<Tables, AcpiError> {
+fn build_tables(layout: &MemoryLayout, num_cpus: u8, options: &AcpiOptions) -> Result<Tables, AcpiError> {
     if num_cpus == 0 {
         return Err(AcpiError::NoCpus);
     }
     if num_cpus > MAX_CPUS {
         return Err(AcpiError::TooManyCpus(num_cpus));
     }
-    let dsdt = dsdt(layout);
+    if let Some(hotplug) = &options.pci_hotplug {
+        hotplug.validate()?;
+    }
+    let dsdt = dsdt(layout, options.pci_hotplug.as_ref());
     let madt = madt(num_cpus);
     let mcfg = mcfg();
     // The XSDT lists the FADT, the MADT and the MCFG; the DSDT hangs off the FADT.
@@ -266,13 +298,20 @@ fn mcfg() -> Vec<u8> {
 /// DSDT: COM1 and the RTC (so their IRQs are routed on a reduced platform, see the
 /// module comment), the PCI root bridge and the motherboard resources, and `\_S5_` for
 /// power-off. Linux evaluates `\_S5_` to get SLP_TYP and then writes
-/// `SLP_TYP << 2 | SLP_EN` to the sleep control register.
-fn dsdt(layout: &MemoryLayout) -> Vec<u8> {
+/// `SLP_TYP << 2 | SLP_EN` to the sleep control register. With `hotplug`, the slot
+/// objects go into PCI0, the GED into `\_SB`, and the registers' ports into the
+/// motherboard resources.
+fn dsdt(layout: &MemoryLayout, hotplug: Option<&PciHotplugAml>) -> Vec<u8> {
     let com1 = RawAml(isa_device("COM1", "PNP0501", Some(1), COM1_PORT, 8, COM1_IRQ));
     let rtc = RawAml(isa_device("RTC_", "PNP0B00", None, RTC_PORT, 2, RTC_IRQ));
-    let pci = RawAml(pci_root(layout));
-    let motherboard = RawAml(motherboard_resources());
-    let sb = Scope::new(Path::new("\\_SB_"), vec![&com1, &rtc, &pci, &motherboard]);
+    let pci = RawAml(pci_root(layout, hotplug));
+    let motherboard = RawAml(motherboard_resources(hotplug));
+    let mut devices: Vec<&dyn Aml> = vec![&com1, &rtc, &pci, &motherboard];
+    let ged = hotplug.map(|h| RawAml(h.ged()));
+    if let Some(ged) = &ged {
+        devices.push(ged);
+    }
+    let sb = Scope::new(Path::new("\\_SB_"), devices);
     // {SLP_TYPa, SLP_TYPb, reserved, reserved}; there is no "b" register.
     let s5 = Name::new(Path::new("_S5_"), &Package::new(vec![&ACPI_S5_SLEEP_TYPE, &0u8, &0u8, &0u8]));
 
@@ -284,8 +323,9 @@ fn dsdt(layout: &MemoryLayout) -> Vec<u8> {
 }
 
 /// The PCI Express root bridge of segment 0: bus 0 only, config through ECAM (MCFG)
-/// and the legacy 0xcf8 ports, and the three windows BARs are allocated from.
-fn pci_root(layout: &MemoryLayout) -> Vec<u8> {
+/// and the legacy 0xcf8 ports, and the three windows BARs are allocated from; with
+/// `hotplug`, the hot-plug registers and slot objects too.
+fn pci_root(layout: &MemoryLayout, hotplug: Option<&PciHotplugAml>) -> Vec<u8> {
     let hid = EISAName::new("PNP0A08");
     let cid = EISAName::new("PNP0A03");
     let hid = Name::new(Path::new("_HID"), &hid);
@@ -315,7 +355,12 @@ fn pci_root(layout: &MemoryLayout) -> Vec<u8> {
     let crs = ResourceTemplate::new(vec![&buses, &cf8, &io, &mmio32, &mmio64]);
     let crs = Name::new(Path::new("_CRS"), &crs);
     let prt = Name::new(Path::new("_PRT"), &pci_routing_table());
-    bytes(&Device::new(Path::new("PCI0"), vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt]))
+    let mut children: Vec<&dyn Aml> = vec![&hid, &cid, &adr, &seg, &uid, &bbn, &crs, &prt];
+    let slots = hotplug.map(|h| RawAml(h.pci0_objects()));
+    if let Some(slots) = &slots {
+        children.push(slots);
+    }
+    bytes(&Device::new(Path::new("PCI0"), children))
 }
 
 /// `_PRT`: for each device slot of bus 0 and each pin INTA# to INTD#, the GSI
@@ -340,12 +385,18 @@ fn pci_routing_table() -> PackageBuilder {
 
 /// Resources the platform itself decodes: the ECAM window. Linux uses MCFG only when
 /// the window is claimed here ("not reserved in ACPI motherboard resources" otherwise).
-fn motherboard_resources() -> Vec<u8> {
+/// With `hotplug`, also the hot-plug registers, so that Linux reserves their ports.
+fn motherboard_resources(hotplug: Option<&PciHotplugAml>) -> Vec<u8> {
     let hid = EISAName::new("PNP0C02");
     let hid = Name::new(Path::new("_HID"), &hid);
     let uid = Name::new(Path::new("_UID"), &0u8);
     let ecam = Memory32Fixed::new(false, PCI_ECAM_START as u32, PCI_ECAM_SIZE as u32);
-    let crs = ResourceTemplate::new(vec![&ecam]);
+    let ports = hotplug.map(|h| h.reserved_ports());
+    let mut resources: Vec<&dyn Aml> = vec![&ecam];
+    if let Some(ports) = &ports {
+        resources.push(ports);
+    }
+    let crs = ResourceTemplate::new(resources);
     let crs = Name::new(Path::new("_CRS"), &crs);
     bytes(&Device::new(Path::new("MBRS"), vec![&hid, &uid, &crs]))
 }
@@ -501,7 +552,7 @@ mod tests {
     #[test]
     fn dsdt_has_s5_com1_rtc_and_the_pci_root() {
         let layout = layout();
-        let dsdt = dsdt(&layout);
+        let dsdt = dsdt(&layout, None);
         assert_eq!(sum(&dsdt), 0);
         let find = |needle: &[u8]| dsdt.windows(needle.len()).any(|w| w == needle);
         // NameOp "_S5_" PackageOp len=6 count=4 BytePrefix 5 Zero Zero Zero
@@ -583,7 +634,7 @@ mod tests {
 
     #[test]
     fn prt_routes_every_slot_and_pin_to_its_gsi() {
-        let dsdt = dsdt(&layout());
+        let dsdt = dsdt(&layout(), None);
         let entries = prt_entries(&dsdt);
         assert_eq!(entries.len(), 31 * 4);
         for (i, &(address, pin, source, gsi)) in entries.iter().enumerate() {
@@ -613,16 +664,89 @@ mod tests {
         let madt = madt(1);
         let io = madt_entries(&madt).into_iter().find(|e| e.0 == MADT_IO_APIC).unwrap().1;
         assert_eq!(u32_at(io, 8), 0);
-        let top = prt_entries(&dsdt(&layout())).iter().map(|e| e.3).max().unwrap();
+        let top = prt_entries(&dsdt(&layout(), None)).iter().map(|e| e.3).max().unwrap();
         assert!(top < u64::from(crate::layout::IOAPIC_PINS));
+    }
+
+    fn with_hotplug() -> AcpiOptions {
+        AcpiOptions { pci_hotplug: Some(PciHotplugAml::default()) }
+    }
+
+    /// [start, end) of the body of the named object (Device, or Scope with
+    /// `scope`) whose NameSeg is `name`.
+    fn object_span(aml: &[u8], name: &[u8; 4], scope: bool) -> (usize, usize) {
+        let at = aml.windows(4).position(|w| w == name).unwrap_or_else(|| panic!("{name:?}"));
+        let opener: &[u8] = if scope { &[0x10] } else { &[0x5b, 0x82] };
+        let op = aml[..at].windows(opener.len()).rposition(|w| w == opener).unwrap() + opener.len();
+        let (len, _) = pkg_length(aml, op);
+        (at, op + len)
+    }
+
+    #[test]
+    fn default_tables_have_no_hotplug_objects() {
+        let dsdt = dsdt(&layout(), None);
+        for name in [&b"GED_"[..], b"ACPI0013", b"PHPR", b"PCNT", b"PCIU", b"S01_", b"S1F_", b"_EJ0", b"_SUN", b"_EVT"]
+        {
+            assert!(!dsdt.windows(name.len()).any(|w| w == name), "{}", String::from_utf8_lossy(name));
+        }
+        // write_acpi_tables is write_acpi_tables_with the default options.
+        let (a, b) = (mem(), mem());
+        write_acpi_tables(&a, &layout(), 2).unwrap();
+        write_acpi_tables_with(&b, &layout(), 2, &AcpiOptions::default()).unwrap();
+        let (mut ta, mut tb) = (vec![0u8; 0x20000], vec![0u8; 0x20000]);
+        a.read_slice(&mut ta, GuestAddress(ACPI_START)).unwrap();
+        b.read_slice(&mut tb, GuestAddress(ACPI_START)).unwrap();
+        assert!(ta == tb);
+    }
+
+    #[test]
+    fn hotplug_dsdt_puts_slots_in_pci0_and_the_ged_in_sb() {
+        let layout = layout();
+        let plain = dsdt(&layout, None);
+        let dsdt = dsdt(&layout, Some(&PciHotplugAml::default()));
+        assert_eq!(sum(&dsdt), 0);
+        assert!(dsdt.len() > plain.len() + 31 * 40);
+        let find = |needle: &[u8]| dsdt.windows(needle.len()).position(|w| w == needle);
+        let (pci0, pci0_end) = object_span(&dsdt, b"PCI0", false);
+        for slot in 1..=31u8 {
+            let name = format!("S{slot:02X}_");
+            let at = find(name.as_bytes()).unwrap();
+            assert!(pci0 < at && at < pci0_end, "{name} inside PCI0");
+        }
+        let region = find(b"PHPR").unwrap();
+        assert!(pci0 < region && region < pci0_end);
+        // _PRT is still there, intact.
+        assert_eq!(prt_entries(&dsdt), prt_entries(&plain));
+        // The GED is a sibling of PCI0 in \_SB, not inside it.
+        let (sb, sb_end) = object_span(&dsdt, b"_SB_", true);
+        let (ged, ged_end) = object_span(&dsdt, b"GED_", false);
+        assert!(sb < ged && ged_end <= sb_end && ged > pci0_end);
+        assert!(find(b"ACPI0013").is_some_and(|at| ged < at && at < ged_end));
+        // The motherboard resources reserve the register ports: IO (Decode16, 0x610, 0x610, 1, 16).
+        let (mbrs, mbrs_end) = object_span(&dsdt, b"MBRS", false);
+        let io = find(&[0x47, 0x01, 0x10, 0x06, 0x10, 0x06, 0x01, 0x10]).unwrap();
+        assert!(mbrs < io && io < mbrs_end);
+    }
+
+    #[test]
+    fn hotplug_options_are_validated() {
+        let bad = AcpiOptions { pci_hotplug: Some(PciHotplugAml { gsi: COM1_IRQ, ..Default::default() }) };
+        assert!(matches!(
+            build_tables(&layout(), 1, &bad),
+            Err(AcpiError::Hotplug(HotplugAmlError::Gsi(g))) if g == COM1_IRQ
+        ));
+        let bad = AcpiOptions { pci_hotplug: Some(PciHotplugAml { port: ACPI_SLEEP_PORT, ..Default::default() }) };
+        assert!(matches!(build_tables(&layout(), 1, &bad), Err(AcpiError::Hotplug(HotplugAmlError::Port(_)))));
+        let mem = mem();
+        assert_eq!(write_acpi_tables_with(&mem, &layout(), 1, &with_hotplug()).unwrap(), GuestAddress(ACPI_START));
     }
 
     #[test]
     fn cpu_limits_and_size() {
         let layout = layout();
-        assert!(matches!(build_tables(&layout, 0), Err(AcpiError::NoCpus)));
-        assert!(matches!(build_tables(&layout, 255), Err(AcpiError::TooManyCpus(255))));
-        let t = build_tables(&layout, MAX_CPUS).unwrap();
+        assert!(matches!(build_tables(&layout, 0, &AcpiOptions::default()), Err(AcpiError::NoCpus)));
+        assert!(matches!(build_tables(&layout, 255, &AcpiOptions::default()), Err(AcpiError::TooManyCpus(255))));
+        let t = build_tables(&layout, MAX_CPUS, &with_hotplug()).unwrap();
         let (_, addr, bytes) = t.placed.last().unwrap();
         assert!(addr + bytes.len() as u64 <= RESET_VECTOR);
         let mut last_end = 0;

@@ -86,6 +86,19 @@ pub const ACPI_RESET_VALUE: u8 = 0x1;
 /// The `\_S5_` sleep type in the DSDT (soft off).
 pub const ACPI_S5_SLEEP_TYPE: u8 = 5;
 
+/// The PCI hot-plug controller's registers (`devices::hotplug`): four 32-bit I/O ports
+/// that the DSDT's slot objects and GED read and write when hot-plug is enabled (see
+/// `acpi::hotplug`). Port I/O rather than MMIO because each access is then a plain
+/// exit, with no instruction to decode, nested or not. Right after ACPI_SLEEP_PORT,
+/// among the platform's own ports and below the PCI I/O window.
+pub const PCI_HOTPLUG_PORT: u16 = 0x610;
+pub const PCI_HOTPLUG_PORT_LEN: u16 = 0x10;
+/// The interrupt of the DSDT's Generic Event Device (GED), which carries hot-plug
+/// events: ISA IRQ 5, an edge, active high. On a hardware-reduced platform an ISA IRQ
+/// is used only by what the DSDT describes, and nothing else here uses 5 (PIT 0,
+/// COM1 4, RTC 8; PCI INTx is on 16 to 23 and the VMM's MSIs from IOAPIC_PINS up).
+pub const GED_GSI: u32 = 5;
+
 /// The first serial port, described in the DSDT so Linux routes its IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
@@ -245,6 +258,8 @@ const _: () = assert!(PCI_ECAM_START + PCI_ECAM_SIZE <= IOAPIC_ADDR);
 const _: () = assert!(MMIO_HOLE_END + MAX_RAM_BYTES + MMIO64_ALIGN + PCI_MMIO64_SIZE <= 1 << 42);
 const _: () = assert!(KVM_IDENTITY_MAP_ADDR >= LAPIC_ADDR + PAGE_SIZE);
 const _: () = assert!(KVM_PRIVATE_END <= MMIO_HOLE_END);
+// The hot-plug registers sit between the sleep port and the PCI I/O window.
+const _: () = assert!(PCI_HOTPLUG_PORT > ACPI_SLEEP_PORT && PCI_HOTPLUG_PORT + PCI_HOTPLUG_PORT_LEN <= PCI_IO_START);
 
 /// Sizes here are at most MAX_RAM_BYTES, which fits a 64-bit host's usize; this crate
 /// only builds for x86_64.

@@ -5,6 +5,7 @@
 //! through eventfds that the VMM wires to irqfds.
 
 pub mod bus;
+pub mod hotplug;
 pub mod legacy;
 pub mod virtio;
 

@@ -56,6 +56,17 @@ pub enum DeviceError {
     HostCheck(#[from] HostCheckError),
 }
 
+// The hot-plug controller (devices) and the AML that drives it (boot) describe one
+// register block; neither crate depends on the other, so the VMM checks they agree.
+const _: () = {
+    use boot::acpi::hotplug as aml;
+    use devices::hotplug as dev;
+    assert!(dev::REGISTERS_LEN == aml::REGISTERS_LEN as u64);
+    assert!(dev::REGISTERS_LEN == boot::layout::PCI_HOTPLUG_PORT_LEN as u64);
+    assert!(dev::REG_SLOTS_UP == aml::REG_SLOTS_UP as u64 && dev::REG_SLOTS_DOWN == aml::REG_SLOTS_DOWN as u64);
+    assert!(dev::REG_SLOTS_PRESENT == aml::REG_SLOTS_PRESENT as u64 && dev::REG_EJECT == aml::REG_EJECT as u64);
+};
+
 /// What PCI devices share: the segment, MSI routing, the worker loop, guest memory.
 struct PciState {
     // Field order is drop order: the devices' BAR slots and the segment go before the
