@@ -38,3 +38,33 @@ run_tandem failover --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
 echo "L1-AFTER-FAILOVER $(vf_state "$PF" 0)"
 tap_down tfo
+
+# Hot-unplug through the control socket: the guest gives the VF back (ACPI eject), Tandem
+# releases it to the host at once (the VFs it made are gone) and the guest runs on.
+tap_up tfo 10.81.0.1/24
+SOCK=/tmp/fo.sock
+cat > /tmp/unplug.sh <<'L2'
+i=0; until l2_if_by_driver igbvf > /dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i + 1)); done
+echo "L2-UNPLUG-VF-UP if=$(l2_if_by_driver igbvf)"
+i=0
+while grep -qx 0x10ca /sys/bus/pci/devices/*/device 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
+echo "L2-UNPLUG-GONE vf_devices=$(grep -lx 0x10ca /sys/bus/pci/devices/*/device 2>/dev/null | wc -l) standby=$(ls /sys/class/net | tr '\n' ' ')"
+sleep 600
+L2
+mkscript_disk /tmp/unplug.img /tmp/unplug.sh
+run_bg unplug $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M --api-socket $SOCK \
+  --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
+  --disk path=/tmp/unplug.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+if run_wait_for unplug "L2-UNPLUG-VF-UP" 300; then
+  now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
+  t0=$(now_ms)
+  $TANDEM ctl --api-socket $SOCK device-remove vf0 2>&1 | sed 's/^/L1-UNPLUG-CTL /'
+  echo "L1-UNPLUG-TOOK ms=$(( $(now_ms) - t0 ))"
+  echo "L1-UNPLUG-HOST $(vf_state "$PF" 0)"
+  run_wait_for unplug "L2-UNPLUG-GONE" 60
+  $TANDEM ctl --api-socket $SOCK device-remove vf0 2>&1 | sed 's/^/L1-UNPLUG-AGAIN /'
+  $TANDEM ctl --api-socket $SOCK info | tr -d '\n ' | sed 's/^/L1-UNPLUG-INFO /'; echo
+  $TANDEM ctl --api-socket $SOCK shutdown > /dev/null
+fi
+run_end unplug
+tap_down tfo

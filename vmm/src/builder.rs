@@ -131,7 +131,9 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     if cpus <= boot::mptable::MAX_CPUS {
         boot_data("the MP table", boot::mptable::write_mptable(mem, cpus))?;
     }
-    let rsdp = boot_data("the ACPI tables", boot::acpi::write_acpi_tables(mem, &layout, cpus))?;
+    // PCI hot-plug is always described: the control socket can take devices away.
+    let acpi = boot::acpi::AcpiOptions { pci_hotplug: Some(boot::acpi::hotplug::PciHotplugAml::default()) };
+    let rsdp = boot_data("the ACPI tables", boot::acpi::write_acpi_tables_with(mem, &layout, cpus, &acpi))?;
     boot_data(
         "the boot parameters",
         boot::params::write_boot_params(mem, &layout, &kernel, config.cmdline.len(), initrd, Some(rsdp)),
@@ -141,6 +143,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let mut devices = DeviceManager::new(latch.power_sink());
     devices.add_legacy_devices(&vm, serial_output(&config.serial)?, boot::layout::ACPI_SLEEP_PORT)?;
     devices.enable_pci(&vm, &layout)?;
+    devices.enable_pci_hotplug(&vm)?;
     for disk in &config.disks {
         devices.add_disk(disk)?;
     }
@@ -150,6 +153,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     for (id, sysfs) in leases.passthrough() {
         report_passthrough(&devices.add_passthrough(id, sysfs)?);
     }
+    devices.mark_present();
 
     let mut supported = vm.kvm().get_supported_cpuid(kvm_bindings::KVM_MAX_CPUID_ENTRIES).map_err(BuildError::Cpuid)?;
     // KVM emulates the TSC-deadline timer with its in-kernel LAPIC but leaves the CPUID

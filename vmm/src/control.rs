@@ -1,40 +1,51 @@
 //! The running VM as the control socket sees it: [`api::VmControl`] over a [`VmStopper`]
 //! and the VM's device list.
 
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
 use crate::api::{ApiError, VmControl};
-use crate::device_manager::{DeviceStats, DeviceSummary};
+use crate::device_manager::{DeviceManager, DeviceStats, DeviceSummary, Removal};
 use crate::exit::GuestExit;
-use crate::runner::{RunError, RunningVm, VmStopper};
+use crate::runner::{RunError, VmStopper};
+use crate::sriov::Leases;
 use crate::VmConfig;
+
+/// How long the guest gets to give a device back before Tandem takes it anyway.
+const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Control {
     vm: VmStopper,
-    devices: Vec<DeviceSummary>,
+    devices: Arc<Mutex<DeviceManager>>,
+    leases: Arc<Mutex<Leases>>,
     cpus: u32,
     memory: u64,
     started: Instant,
 }
 
 impl Control {
-    pub fn new(vm: &RunningVm, config: &VmConfig) -> Self {
-        Self {
-            vm: vm.stopper(),
-            devices: vm.device_summary(),
-            cpus: config.cpus,
-            memory: config.memory,
-            started: Instant::now(),
-        }
+    pub fn new(
+        vm: VmStopper,
+        devices: Arc<Mutex<DeviceManager>>,
+        leases: Arc<Mutex<Leases>>,
+        config: &VmConfig,
+    ) -> Self {
+        Self { vm, devices, leases, cpus: config.cpus, memory: config.memory, started: Instant::now() }
     }
 
-    fn device(&self, id: &str) -> Result<&DeviceSummary, ApiError> {
-        self.devices.iter().find(|d| d.id == id).ok_or_else(|| {
-            let ids: Vec<&str> = self.devices.iter().map(|d| d.id.as_str()).collect();
-            ApiError::NotFound(format!("no device {id:?}; the VM has: {}", ids.join(", ")))
-        })
+    fn summary(&self) -> Vec<DeviceSummary> {
+        self.devices.lock().unwrap_or_else(|e| e.into_inner()).summary()
+    }
+
+    fn check_device(&self, id: &str) -> Result<(), ApiError> {
+        let devices = self.summary();
+        if devices.iter().any(|d| d.id == id) {
+            return Ok(());
+        }
+        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
+        Err(ApiError::NotFound(format!("no device {id:?}; the VM has: {}", ids.join(", "))))
     }
 }
 
@@ -70,7 +81,7 @@ fn device_counters(stats: &DeviceStats) -> Value {
 impl VmControl for Control {
     fn info(&self) -> Value {
         let devices: Vec<Value> = self
-            .devices
+            .summary()
             .iter()
             .map(|d| {
                 let mut v =
@@ -94,7 +105,7 @@ impl VmControl for Control {
         use std::sync::atomic::Ordering::Relaxed;
         let c = self.vm.counters();
         let mut devices = Map::new();
-        for d in &self.devices {
+        for d in &self.summary() {
             devices.insert(d.id.clone(), device_counters(&d.stats));
         }
         json!({
@@ -121,10 +132,32 @@ impl VmControl for Control {
     }
 
     fn device_remove(&self, id: &str) -> Result<(), ApiError> {
-        self.device(id)?;
-        Err(ApiError::Conflict(format!(
-            "device {id:?} cannot be removed from a running VM: this build of Tandem has no PCI hot-unplug yet"
-        )))
+        self.check_device(id)?;
+        let removed = self.devices.lock().unwrap_or_else(|e| e.into_inner()).remove_pci_device(id, EJECT_TIMEOUT);
+        let (removal, stats) = removed.map_err(|e| ApiError::Internal(format!("removing {id}: {e}")))?;
+        match removal {
+            Removal::Ejected { waited } => {
+                eprintln!("tandem: {id}: removed (the guest gave it back in {} ms)", waited.as_millis())
+            }
+            Removal::Forced { waited } => eprintln!(
+                "tandem: warning: {id}: the guest did not give it back within {} ms; removed anyway",
+                waited.as_millis()
+            ),
+        }
+        if let DeviceStats::Passthrough { .. } = stats {
+            // The device is closed (VFIO released it): the host gets it back now.
+            let released = self.leases.lock().unwrap_or_else(|e| e.into_inner()).release(id);
+            match released {
+                Some(Ok(warnings)) => warnings.iter().for_each(|w| eprintln!("tandem: warning: {id}: {w}")),
+                Some(Err(e)) => {
+                    return Err(ApiError::Internal(format!(
+                        "{id} left the guest, but restoring it on the host failed: {e}; run `tandem cleanup`"
+                    )))
+                }
+                None => {}
+            }
+        }
+        Ok(())
     }
 
     fn device_add(&self, _request: &Value) -> Result<Value, ApiError> {

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
@@ -185,16 +184,12 @@ fn run(cli: Cli) -> anyhow::Result<GuestExit> {
     let signals = block_stop_signals();
     let api_socket = cli.api_socket.clone();
     let config = cli.into_config()?;
-    let vm = vmm::start(&config).context("cannot start the VM")?;
+    let mut vm = vmm::start(&config).context("cannot start the VM")?;
     forward_stop_signals(signals, vm.stopper());
-    // Dropped (socket removed) after the VM has ended, on every path out of here.
-    let _server = match api_socket {
-        Some(path) => Some(
-            vmm::api::ApiServer::start(&path, Arc::new(vmm::control::Control::new(&vm, &config)))
-                .context("cannot serve the control socket")?,
-        ),
-        None => None,
-    };
+    if let Some(path) = api_socket {
+        // Served until the VM ends; the socket file goes with it.
+        vm.serve_api(&path, &config).context("cannot serve the control socket")?;
+    }
     Ok(vm.wait()?)
 }
 

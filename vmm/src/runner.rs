@@ -1,7 +1,7 @@
 //! A started VM: its vCPU threads, and the wait for the guest (or the host) to end it.
 
 use std::os::unix::io::AsRawFd;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::device_manager::DeviceManager;
@@ -120,19 +120,23 @@ impl VmStopper {
 pub struct RunningVm {
     // Field order is drop order: threads are stopped in `wait`/`drop` before the VM
     // (and the guest memory they run on) goes away.
+    /// The control socket; stopped first in `halt_vcpus`, which drops its references to
+    /// the devices and leases, so that they go below in order.
+    api: Option<crate::api::ApiServer>,
     vcpus: Vec<VcpuHandle>,
     stdin: Option<StdinPump>,
     latch: Arc<ExitLatch>,
     counters: Arc<ExitCounters>,
     gate: Arc<PauseGate>,
     kick: Arc<RwLock<Vec<KickTarget>>>,
-    /// `None` once leaked, with the VM: see `halt_vcpus`.
-    devices: Option<DeviceManager>,
+    /// `None` once leaked, with the VM: see `halt_vcpus`. Shared with the control
+    /// socket, which removes devices.
+    devices: Option<Arc<Mutex<DeviceManager>>>,
     /// `None` once leaked: see `halt_vcpus`.
     vm: Option<Vm>,
     /// Host devices passed through, restored once the devices and the VM (which hold
     /// them open through VFIO) are gone.
-    leases: Option<Leases>,
+    leases: Option<Arc<Mutex<Leases>>>,
 }
 
 impl RunningVm {
@@ -157,9 +161,10 @@ impl RunningVm {
             counters,
             gate: Arc::new(PauseGate::default()),
             kick: Arc::new(RwLock::new(Vec::new())),
-            devices: Some(devices),
+            api: None,
+            devices: Some(Arc::new(Mutex::new(devices))),
             vm: Some(vm),
-            leases: Some(leases),
+            leases: Some(Arc::new(Mutex::new(leases))),
         };
         install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
@@ -184,7 +189,19 @@ impl RunningVm {
 
     /// The devices on the guest's PCI bus with their counters.
     pub fn device_summary(&self) -> Vec<crate::device_manager::DeviceSummary> {
-        self.devices.as_ref().map_or_else(Vec::new, |d| d.summary())
+        self.devices.as_ref().map_or_else(Vec::new, |d| d.lock().unwrap_or_else(|e| e.into_inner()).summary())
+    }
+
+    /// Serves the control socket at `path` until the VM ends.
+    pub fn serve_api(
+        &mut self,
+        path: &std::path::Path,
+        config: &crate::VmConfig,
+    ) -> Result<(), crate::api::ServerError> {
+        let (Some(devices), Some(leases)) = (&self.devices, &self.leases) else { return Ok(()) };
+        let control = crate::control::Control::new(self.stopper(), devices.clone(), leases.clone(), config);
+        self.api = Some(crate::api::ApiServer::start(path, Arc::new(control))?);
+        Ok(())
     }
 
     pub fn stopper(&self) -> VmStopper {
@@ -231,6 +248,9 @@ impl RunningVm {
     fn halt_vcpus(&mut self) -> usize {
         // Dropped without `wait`: the embedder gave up on the VM.
         self.latch.set(GuestExit::Stopped { signal: 0 });
+        // No request may reach the devices from here on (and the server's references to
+        // them go, so they are dropped in this struct's order).
+        drop(self.api.take());
         // Parked vCPUs wait on the gate, not in KVM: let them see the latch.
         self.gate.open();
         // No kick through a VmStopper from here on: the threads are about to be joined.

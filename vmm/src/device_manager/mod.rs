@@ -1,12 +1,14 @@
 //! The device manager owns device creation, the buses and the guest interrupt lines
 //! devices use. Nothing else creates devices or picks their addresses.
 
+mod hotplug;
 mod legacy;
 mod pci;
 mod vfio;
 mod vfio_checks;
 mod virtio;
 
+pub use hotplug::Removal;
 pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
@@ -52,6 +54,8 @@ pub enum DeviceError {
     Backend { id: String, reason: String },
     #[error("PCI devices need the PCI bus, which this VM was built without")]
     NoPci,
+    #[error("this VM has no PCI hot-plug controller, so devices cannot leave it while it runs")]
+    NoHotplug,
     #[error(transparent)]
     HostCheck(#[from] HostCheckError),
 }
@@ -125,11 +129,19 @@ pub struct DeviceManager {
     serial: Option<Arc<Mutex<SerialDevice>>>,
     pci: Option<PciState>,
     pci_devices: Vec<PciDeviceEntry>,
+    hotplug: Option<hotplug::Hotplug>,
 }
 
 impl DeviceManager {
     pub fn new(power: PowerSink) -> Self {
-        Self { buses: Arc::new(Buses::default()), power, serial: None, pci: None, pci_devices: Vec::new() }
+        Self {
+            buses: Arc::new(Buses::default()),
+            power,
+            serial: None,
+            pci: None,
+            pci_devices: Vec::new(),
+            hotplug: None,
+        }
     }
 
     /// Creates the PCI root bus (config ports, ECAM, BAR windows), the MSI routing

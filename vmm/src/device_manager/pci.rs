@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use boot::layout::{MemoryLayout, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_MMIO32_END, PCI_MMIO32_START};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use pci::{BarChange, BarKind, BarMapper, BarRegion, MmapArea, PciConfigIo, PciConfigMmio, PciRoot, SharedPciDevice};
-use vm_allocator::{AddressAllocator, AllocPolicy};
+use vm_allocator::{AddressAllocator, AllocPolicy, RangeInclusive};
 
 use super::DeviceError;
 use crate::vcpu::Buses;
@@ -133,6 +133,8 @@ pub struct PciSegment {
     mapper: Arc<KvmBarMapper>,
     mmio32: AddressAllocator,
     mmio64: AddressAllocator,
+    /// The BAR address ranges handed out, by slot, to give back when a device leaves.
+    allocated: BTreeMap<u8, Vec<(BarKind, RangeInclusive)>>,
 }
 
 impl PciSegment {
@@ -165,6 +167,7 @@ impl PciSegment {
             mapper,
             mmio32: window(PCI_MMIO32_START, PCI_MMIO32_END)?,
             mmio64: window(layout.mmio64_start(), layout.mmio64_end())?,
+            allocated: BTreeMap::new(),
         })
     }
 
@@ -188,13 +191,47 @@ impl PciSegment {
                 .unwrap_or_else(|e| e.into_inner())
                 .set_bar_address(bar.index, range.start())
                 .map_err(|e| DeviceError::Window(format!("BAR {}: {e}", bar.index)))?;
-            placed.push((bar.index, bar.kind, bar.size, range.start()));
+            placed.push((bar.index, bar.kind, bar.size, range));
         }
-        let slot = self.root.add_device(device.clone()).map_err(DeviceError::Pci)?;
-        for (index, kind, size, base) in placed {
-            self.mapper.map(&device, index, kind, size, base, true);
+        let slot = match self.root.add_device(device.clone()) {
+            Ok(slot) => slot,
+            Err(e) => {
+                for (_, kind, _, range) in &placed {
+                    self.free(*kind, range);
+                }
+                return Err(DeviceError::Pci(e));
+            }
+        };
+        for (index, kind, size, range) in &placed {
+            self.mapper.map(&device, *index, *kind, *size, range.start(), true);
         }
+        self.allocated.insert(slot, placed.into_iter().map(|(_, kind, _, range)| (kind, range)).collect());
         Ok(slot)
+    }
+
+    fn free(&mut self, kind: BarKind, range: &RangeInclusive) {
+        let window = if kind == BarKind::Memory64 { &mut self.mmio64 } else { &mut self.mmio32 };
+        let _ = window.free(range);
+    }
+
+    /// Takes the device in `slot` off the bus: its BARs are unmapped (memory slots and
+    /// bus regions) before it is detached (a passthrough device is reset then, and must
+    /// not be reachable through a memory slot while it resets), and their addresses go
+    /// back to the windows.
+    pub fn remove(&mut self, slot: u8) -> Result<SharedPciDevice, DeviceError> {
+        let device = self.root.device(slot).ok_or(DeviceError::Pci(pci::PciBusError::EmptySlot(slot)))?;
+        let decoded: Vec<(u8, BarKind, u64, u64)> = {
+            let dev = device.lock().unwrap_or_else(|e| e.into_inner());
+            dev.bars().iter().filter_map(|b| dev.bar_address(b.index).map(|a| (b.index, b.kind, b.size, a))).collect()
+        };
+        for (index, kind, size, addr) in decoded {
+            self.mapper.map(&device, index, kind, size, addr, false);
+        }
+        let device = self.root.remove_device(slot).map_err(DeviceError::Pci)?;
+        for (kind, range) in self.allocated.remove(&slot).unwrap_or_default() {
+            self.free(kind, &range);
+        }
+        Ok(device)
     }
 
     /// BAR or ioeventfd changes that could not be applied (see `BarMapFailures`).

@@ -65,6 +65,16 @@ impl Leases {
         vfs.chain(self.devices.iter().map(|l| (l.id(), l.sysfs_path()))).collect()
     }
 
+    /// Puts back the device leased as `id` (it must be closed already); None if there
+    /// is no such lease.
+    pub fn release(&mut self, id: &str) -> Option<Result<Vec<String>, SriovError>> {
+        if let Some(i) = self.vfs.iter().position(|l| l.id() == id) {
+            return Some(self.vfs.remove(i).release());
+        }
+        let i = self.devices.iter().position(|l| l.id() == id)?;
+        Some(self.devices.remove(i).release())
+    }
+
     /// What acquiring found worth telling (a PF whose link is down, ...).
     pub fn warnings(&self) -> Vec<String> {
         self.vfs.iter().flat_map(|l| l.warnings().iter().map(move |w| format!("{}: {w}", l.id()))).collect()

@@ -1,0 +1,107 @@
+//! ACPI PCI hot-unplug: the guest is asked to give a device back (a GED interrupt and a
+//! slot's eject request, which Linux's acpiphp handles), and once it has (its `_EJ0`
+//! reaches the controller) the device leaves the bus and the VMM releases it.
+
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use devices::hotplug::PciHotplugController;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::{DeviceError, DeviceManager, DeviceStats};
+use crate::vm::Vm;
+
+/// How a removal ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Removal {
+    /// The guest ejected the device.
+    Ejected { waited: Duration },
+    /// The guest did not answer within the timeout; the device was taken anyway.
+    Forced { waited: Duration },
+}
+
+/// The controller on the port bus, its GED line, and the ejects the guest made.
+pub(super) struct Hotplug {
+    controller: Arc<Mutex<PciHotplugController>>,
+    ejects: Mutex<Receiver<u8>>,
+    /// Keeps the GED irqfd's eventfd open (KVM holds the registration).
+    _ged: Arc<EventFd>,
+}
+
+impl DeviceManager {
+    /// Puts the hot-plug controller on the port bus and wires its GED interrupt; the
+    /// DSDT must describe it (`boot::acpi::AcpiOptions::pci_hotplug`).
+    pub fn enable_pci_hotplug(&mut self, vm: &Vm) -> Result<(), DeviceError> {
+        let ged = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what: "GED", source })?);
+        vm.register_irqfd(&ged, boot::layout::GED_GSI)?;
+        let (tx, rx) = channel();
+        let tx = Mutex::new(tx);
+        let raise = ged.clone();
+        let controller = PciHotplugController::new(
+            Arc::new(move || {
+                let _ = raise.write(1);
+            }),
+            // Runs on a vCPU thread with the controller locked: only hand the slot over.
+            Arc::new(move |slot| {
+                let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(slot);
+            }),
+        );
+        let controller = Arc::new(Mutex::new(controller));
+        self.place_pio(
+            "the PCI hot-plug controller",
+            u64::from(boot::layout::PCI_HOTPLUG_PORT),
+            devices::hotplug::REGISTERS_LEN,
+            controller.clone(),
+        )?;
+        self.hotplug = Some(Hotplug { controller, ejects: Mutex::new(rx), _ged: ged });
+        Ok(())
+    }
+
+    /// Marks the devices on the bus now as present (cold-plugged: no event).
+    pub fn mark_present(&self) {
+        if let Some(h) = &self.hotplug {
+            let mut c = h.controller.lock().unwrap_or_else(|e| e.into_inner());
+            for e in &self.pci_devices {
+                let _ = c.set_present(e.slot);
+            }
+        }
+    }
+
+    /// Asks the guest to give device `id` back, waits up to `timeout` for its eject,
+    /// then takes it off the bus (BARs unmapped, interrupts off, reset, released).
+    /// Returns how it ended and what the device was.
+    pub fn remove_pci_device(&mut self, id: &str, timeout: Duration) -> Result<(Removal, DeviceStats), DeviceError> {
+        let index = self
+            .pci_devices
+            .iter()
+            .position(|e| e.id == id)
+            .ok_or_else(|| DeviceError::Backend { id: id.to_string(), reason: "no such device".into() })?;
+        let slot = self.pci_devices[index].slot;
+        let hotplug = self.hotplug.as_ref().ok_or(DeviceError::NoHotplug)?;
+        let start = Instant::now();
+        {
+            let mut c = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner());
+            c.request_unplug(slot)
+                .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: format!("slot {slot}: {e}") })?;
+        }
+        let ejected = loop {
+            let left = timeout.saturating_sub(start.elapsed());
+            match hotplug.ejects.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(left) {
+                Ok(s) if s == slot => break true,
+                Ok(_) => continue, // another slot's late eject: nothing waits for it now
+                Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break false,
+            }
+        };
+        let waited = start.elapsed();
+        if !ejected {
+            let _ = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner()).force_remove(slot);
+        }
+        let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
+        let device = pci.segment.remove(slot)?;
+        let entry = self.pci_devices.remove(index);
+        drop(device);
+        let removal = if ejected { Removal::Ejected { waited } } else { Removal::Forced { waited } };
+        Ok((removal, entry.stats))
+    }
+}
