@@ -87,16 +87,12 @@ impl GuestRam {
                 }
                 RamBacking::HugePages => map_huge(size, regions)?,
             };
-            let flags = match backing {
-                RamBacking::Anonymous => libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-                RamBacking::HugePages => libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB,
-            };
             let bad = |reason: String| MemoryError::Region { addr: addr.0, size, reason };
             // SAFETY: `mapping` is a live read-write mapping of exactly `size` bytes that
             // outlives the region (both are owned by the returned GuestRam).
             let region = unsafe { MmapRegionBuilder::new(size).with_raw_mmap_pointer(mapping.ptr.cast()) }
                 .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(flags)
+                .with_mmap_flags(backing.mmap_flags())
                 .build()
                 .map_err(|e| bad(e.to_string()))?;
             guest_regions.push(GuestRegionMmap::new(region, addr).ok_or_else(|| bad("address overflow".into()))?);
@@ -115,25 +111,32 @@ impl GuestRam {
     }
 }
 
+impl RamBacking {
+    /// The flags guest RAM of this kind is mapped with.
+    fn mmap_flags(self) -> libc::c_int {
+        match self {
+            RamBacking::Anonymous => libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            RamBacking::HugePages => libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB,
+        }
+    }
+}
+
+/// A fresh read-write anonymous mapping of `len` bytes with `flags`.
+fn mmap_anonymous(len: usize, flags: libc::c_int) -> std::io::Result<*mut libc::c_void> {
+    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
+    let ptr = unsafe { libc::mmap(null_mut(), len, libc::PROT_READ | libc::PROT_WRITE, flags, -1, 0) };
+    if ptr == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(ptr)
+}
+
 /// Maps `size` bytes at a 2 MiB-aligned address: over-reserve by 2 MiB, keep the aligned
 /// middle, give the ragged ends back.
 fn map_aligned(size: usize) -> Result<Mapping, MemoryError> {
     let reserve = size + HUGE_PAGE;
-    let err = |source| MemoryError::Reserve { mib: reserve >> 20, source };
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
-    let base = unsafe {
-        libc::mmap(
-            null_mut(),
-            reserve,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if base == libc::MAP_FAILED {
-        return Err(err(std::io::Error::last_os_error()));
-    }
+    let base = mmap_anonymous(reserve, RamBacking::Anonymous.mmap_flags())
+        .map_err(|source| MemoryError::Reserve { mib: reserve >> 20, source })?;
     let start = base as usize;
     let aligned = start.next_multiple_of(HUGE_PAGE);
     let head = aligned - start;
@@ -156,21 +159,9 @@ const FREE_HUGE_PAGES: &str = "/sys/kernel/mm/hugepages/hugepages-2048kB/free_hu
 /// reserves every page now, so a short pool fails here rather than as a SIGBUS when
 /// the guest first touches a page. `all` is every region, for the error message.
 fn map_huge(size: usize, all: &[(GuestAddress, usize)]) -> Result<Mapping, MemoryError> {
-    // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing.
-    let ptr = unsafe {
-        libc::mmap(
-            null_mut(),
-            size,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_ANONYMOUS | libc::MAP_PRIVATE | libc::MAP_HUGETLB,
-            -1,
-            0,
-        )
-    };
-    if ptr == libc::MAP_FAILED {
-        let source = std::io::Error::last_os_error();
+    let ptr = mmap_anonymous(size, RamBacking::HugePages.mmap_flags()).map_err(|source| {
         let total: usize = all.iter().map(|(_, s)| s).sum();
-        return Err(match source.raw_os_error() {
+        match source.raw_os_error() {
             Some(libc::ENOMEM) | Some(libc::EINVAL) => MemoryError::HugePagesShort {
                 mib: total >> 20,
                 pages: total / HUGE_PAGE,
@@ -178,8 +169,8 @@ fn map_huge(size: usize, all: &[(GuestAddress, usize)]) -> Result<Mapping, Memor
                 path: FREE_HUGE_PAGES,
             },
             _ => MemoryError::Reserve { mib: size >> 20, source },
-        });
-    }
+        }
+    })?;
     Ok(Mapping { ptr, len: size })
 }
 

@@ -5,7 +5,7 @@
 //! phase — including one whose last step may or may not have happened — and can be run again
 //! after a partial failure.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::netlink::{NetlinkError, VfAttr};
 use super::state::{self, DeviceRecord, Journal, PfPhase, PfRecord, Phase, RuntimeLock};
@@ -203,6 +203,22 @@ fn dead_claim(path: &Path) -> String {
     )
 }
 
+/// A journal for `cleanup` to work on; a dead claim (deleted) or an unreadable journal is
+/// reported instead.
+fn load_for_cleanup<R: state::Record>(path: PathBuf, report: &mut CleanupReport) -> Option<Journal<R>> {
+    match Journal::<R>::load(path.clone()) {
+        Ok(Some(j)) => Some(j),
+        Ok(None) => {
+            report.warnings.push(dead_claim(&path));
+            None
+        }
+        Err(e) => {
+            report.failed.push(e.to_string());
+            None
+        }
+    }
+}
+
 /// Restores every device whose tandem is gone (killed, crashed) and removes the VFs it created.
 pub fn cleanup(host: &Host) -> Result<CleanupReport, SriovError> {
     let _lock = RuntimeLock::take(&host.runtime_dir)?;
@@ -210,17 +226,7 @@ pub fn cleanup(host: &Host) -> Result<CleanupReport, SriovError> {
     let (pfs, devices): (Vec<_>, Vec<_>) =
         state::list(&host.runtime_dir)?.into_iter().partition(|p| state::is_pf_journal(p));
     for path in devices {
-        let journal = match Journal::<DeviceRecord>::load(path.clone()) {
-            Ok(Some(j)) => j,
-            Ok(None) => {
-                report.warnings.push(dead_claim(&path));
-                continue;
-            }
-            Err(e) => {
-                report.failed.push(e.to_string());
-                continue;
-            }
-        };
+        let Some(journal) = load_for_cleanup::<DeviceRecord>(path, &mut report) else { continue };
         let dev = describe(&journal.record);
         if journal.record.owner.is_alive() {
             report.in_use.push(format!("{dev}: in use by tandem pid {}", journal.record.owner.pid));
@@ -237,17 +243,7 @@ pub fn cleanup(host: &Host) -> Result<CleanupReport, SriovError> {
     // Then the VFs created for devices that are now all back, or for none (the tandem died
     // between creating them and journaling the VF).
     for path in pfs {
-        let journal = match Journal::<PfRecord>::load(path.clone()) {
-            Ok(Some(j)) => j,
-            Ok(None) => {
-                report.warnings.push(dead_claim(&path));
-                continue;
-            }
-            Err(e) => {
-                report.failed.push(e.to_string());
-                continue;
-            }
-        };
+        let Some(journal) = load_for_cleanup::<PfRecord>(path, &mut report) else { continue };
         let (pf, pf_bdf) = (journal.record.pf.clone(), journal.record.pf_bdf.clone());
         match pf_in_use(host, &journal) {
             Ok(false) => {}
