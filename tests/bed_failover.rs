@@ -1,9 +1,11 @@
-//! Failover (issue 5, cold-plugged so far): a VF paired with a virtio-net standby
-//! (`--net ...,standby=on` + `--vf ...,failover=<id>`) in the nested bed with an igb NIC.
-//! The guest's net_failover joins them under one master with one MAC, the VF as primary,
-//! and the master's traffic goes over the VF, not the standby. `tandem ctl device-remove`
-//! then takes the VF out of the running guest through ACPI hot-unplug and hands it back to
-//! the host while the VM runs on.
+//! Failover (issue 5): a VF paired with a virtio-net standby (`--net ...,standby=on` +
+//! `--vf ...,failover=<id>`) in the nested bed with an igb NIC. Tandem holds the VF back
+//! until the guest's virtio-net negotiates STANDBY, then hot-plugs it; the guest's
+//! net_failover joins them under one master with one MAC, the VF as primary, and the
+//! master's traffic goes over the VF, not the standby. Under 10 ms pings from L1 through
+//! a bridge of the PF and the standby's tap, `tandem ctl device-remove` takes the VF out
+//! (the standby carries the traffic, the VF stays leased with its MAC cleared) and
+//! `device-add` brings it back (the VF carries the traffic again).
 
 use std::sync::OnceLock;
 
@@ -50,22 +52,93 @@ fn traffic_goes_over_the_vf_while_it_is_there() {
 }
 
 #[test]
-fn device_remove_takes_the_vf_out_of_the_running_guest_and_gives_it_back_to_the_host() {
+fn the_vf_is_held_back_until_the_guest_negotiates_standby() {
+    let run = bed().run("failover");
+    let plugged = run.line("tandem: vf0: the guest negotiated STANDBY on sb0");
+    assert!(plugged.contains("plugging the VF"), "{plugged}");
+    assert!(run.line("tandem: vf0: plugged into the guest").contains("failover primary of sb0"), "{}", run.console());
+}
+
+fn l1<'a>(bed: &'a BedLog, marker: &str) -> &'a str {
+    bed.text.lines().find(|l| l.starts_with(marker)).unwrap_or_else(|| panic!("no {marker:?} line:\n{}", bed.tail(80)))
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    kv(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in {line}"))
+}
+
+#[test]
+fn removing_the_vf_moves_the_traffic_to_the_standby_and_parks_the_vf() {
     let bed = bed();
-    let l1 = |m: &str| {
-        bed.text.lines().find(|l| l.starts_with(m)).unwrap_or_else(|| panic!("no {m:?} line:\n{}", bed.tail(60)))
-    };
-    assert_eq!(l1("L1-UNPLUG-CTL"), "L1-UNPLUG-CTL removed vf0");
-    let run = bed.run("unplug");
-    // The guest ejected it (ACPI), no forced removal.
+    assert_eq!(l1(bed, "L1-SW-REMOVE "), "L1-SW-REMOVE removed vf0");
+    let run = bed.run("switch");
     assert!(run.line("tandem: vf0: removed").contains("the guest gave it back"), "{}", run.console());
-    let gone = run.line("L2-UNPLUG-GONE");
-    assert_eq!(kv(gone, "vf_devices"), Some("0"), "{gone}");
-    // Released on the host while the VM still ran: the VFs Tandem made are gone already.
-    assert!(l1("L1-UNPLUG-HOST").ends_with("numvfs=0"), "{}", l1("L1-UNPLUG-HOST"));
-    let again = l1("L1-UNPLUG-AGAIN");
-    assert!(again.contains("404") && again.contains("no device \"vf0\""), "{again}");
-    let info = l1("L1-UNPLUG-INFO");
-    assert!(info.contains(r#""state":"running""#) && !info.contains("vf0"), "{info}");
-    assert_eq!(run.rc, Some(0), "console:\n{}", run.console());
+    // Parked, not released: still on vfio-pci for the re-plug, its MAC cleared on the PF.
+    let parked = l1(bed, "L1-SW-HOST-PARKED");
+    assert!(parked.contains("driver=vfio-pci") && parked.contains("mac=00:00:00:00:00:00"), "{parked}");
+    let (before, during) = (l1(bed, "L1-SW-BEFORE"), l1(bed, "L1-SW-DURING"));
+    assert_eq!(kv(during, "vf"), Some("-"), "the VF is still in the guest: {during}");
+    // About 400 pings in the 4 s without the VF: the standby received them.
+    let standby = num(during, "sb0_rx") - num(before, "sb0_rx");
+    assert!(standby >= 200, "the standby did not carry the traffic: {before} / {during}");
+    assert!(during.contains(r#""state":"parked""#), "{during}");
+}
+
+#[test]
+fn device_add_brings_the_vf_back_and_the_traffic_returns_to_it() {
+    let bed = bed();
+    let added = l1(bed, "L1-SW-ADD ");
+    assert!(added.contains(r#""id": "vf0""#) || added.contains(r#""id":"vf0""#), "{added}");
+    let (a, b) = (l1(bed, "L1-SW-AFTER-A"), l1(bed, "L1-SW-AFTER-B"));
+    let master = kv(b, "vf_master");
+    assert!(master.is_some_and(|m| m != "-"), "the VF came back unpaired: {b}");
+    // 2 s of 10 ms pings between the two samples: over the VF, not the standby.
+    let (vf, sb) = (num(b, "vf_rx") - num(a, "vf_rx"), num(b, "sb_rx") - num(a, "sb_rx"));
+    assert!(vf >= 100 && sb * 10 < vf, "the traffic did not return to the VF: {a} / {b}");
+    let ping = l1(bed, "L1-SW-PING");
+    let (sent, received) = (num(ping, "sent"), num(ping, "received"));
+    // Measured, not a bound on time: the outage and loss go to the benchmark; here the
+    // pings must have kept flowing across both moves.
+    eprintln!("failover under 10 ms pings: {ping}");
+    assert!(sent >= 1000 && received * 10 >= sent * 9, "traffic did not continue: {ping}");
+    assert!(l1(bed, "L1-SW-HOST-BACK").contains("driver=vfio-pci"), "{}", l1(bed, "L1-SW-HOST-BACK"));
+    let exit = l1(bed, "L1-SW-AFTER-EXIT");
+    assert!(exit.ends_with("numvfs=0"), "the VFs Tandem made are still there after the VM: {exit}");
+    assert_eq!(bed.run("switch").rc, Some(0), "{}", bed.run("switch").console());
+}
+
+#[test]
+fn socket_errors_leave_the_vm_running() {
+    let bed = bed();
+    let again = l1(bed, "L1-SW-REMOVE-AGAIN");
+    assert!(again.contains("409") && again.contains("not in the guest now"), "{again}");
+    let in_use = l1(bed, "L1-SW-ADD-IN-USE");
+    assert!(in_use.contains("409") && in_use.contains("in use by tandem pid"), "{in_use}");
+    let unknown = l1(bed, "L1-SW-ADD-UNKNOWN");
+    assert!(unknown.contains("404") && unknown.contains("nosuch"), "{unknown}");
+    let twice = l1(bed, "L1-SW-ADD-AGAIN");
+    assert!(twice.contains("409") && twice.contains("in the guest already"), "{twice}");
+    assert!(l1(bed, "L1-SW-DURING").contains(r#""state":"running""#));
+}
+
+#[test]
+fn when_the_pf_loses_its_link_the_vf_leaves_by_itself_and_comes_back_with_it() {
+    let bed = bed();
+    assert_eq!(l1(bed, "L1-AUTO-UNPLUGGED"), "L1-AUTO-UNPLUGGED", "{}", bed.run("switch").console());
+    let (before, down) = (l1(bed, "L1-AUTO-BEFORE"), l1(bed, "L1-AUTO-DOWN"));
+    assert_eq!(kv(down, "vf"), Some("-"), "the VF is still in the guest: {down}");
+    assert!(down.contains(r#""state":"parked-link-down""#), "{down}");
+    let standby = num(down, "sb0_rx") - num(before, "sb0_rx");
+    assert!(standby >= 150, "the standby did not carry the traffic while the PF was down: {before} / {down}");
+    assert_eq!(l1(bed, "L1-AUTO-REPLUGGED"), "L1-AUTO-REPLUGGED");
+    let (a, b) = (l1(bed, "L1-AUTO-UP-A"), l1(bed, "L1-AUTO-UP-B"));
+    assert!(b.contains(r#""state":"plugged""#), "{b}");
+    let (vf, sb) = (num(b, "vf_rx") - num(a, "vf_rx"), num(b, "sb_rx") - num(a, "sb_rx"));
+    assert!(vf >= 100 && sb * 10 < vf, "the traffic did not return to the VF: {a} / {b}");
+    let ping = l1(bed, "L1-AUTO-PING");
+    eprintln!("PF link down and up under 10 ms pings: {ping}");
+    assert!(num(ping, "received") * 10 >= num(ping, "sent") * 8, "traffic did not continue: {ping}");
+    let run = bed.run("switch");
+    assert!(run.lines.iter().any(|l| l.contains("lost its link")), "{}", run.console());
+    assert!(run.lines.iter().any(|l| l.contains("has its link again")), "{}", run.console());
 }

@@ -47,6 +47,12 @@ for d in /sys/bus/pci/devices/*; do
   esac
 done
 [ -e /sys/bus/acpi/devices/LNRO0005:00 ] && virtio=1
+# tandem.modules=igbvf: load it anyway, for a device that arrives later by hot-plug (a
+# failover VF, which Tandem plugs once virtio_net has negotiated STANDBY): this /init has
+# no udev to load a driver when a device appears.
+for a in $(cat /proc/cmdline); do
+  case $a in tandem.modules=*igbvf*) igbvf=1 ;; esac
+done
 while read -r m; do
   case $virtio$m in 0virtio*|0*failover) continue ;; esac
   case $igbvf$m in 0igbvf) continue ;; esac

@@ -7,6 +7,8 @@ tap_up tfo 10.81.0.1/24     # the standby's backend (a bridge to the PF's networ
 
 cat > /tmp/l2.sh <<'L2'
 ip link set lo up
+# The VF arrives by hot-plug once virtio_net has negotiated STANDBY: wait for it to be paired.
+i=0; until { v=$(l2_if_by_driver igbvf) && [ -e "/sys/class/net/$v/master" ]; } || [ $i -ge 150 ]; do sleep 0.2; i=$((i + 1)); done
 # No IPv6 chatter of its own on the standby: its counters then show only what the master sends.
 echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
 echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6
@@ -35,36 +37,114 @@ L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 run_tandem failover --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE tandem.modules=igbvf"
 echo "L1-AFTER-FAILOVER $(vf_state "$PF" 0)"
 tap_down tfo
 
-# Hot-unplug through the control socket: the guest gives the VF back (ACPI eject), Tandem
-# releases it to the host at once (the VFs it made are gone) and the guest runs on.
-tap_up tfo 10.81.0.1/24
+# Failover under traffic: L1's bridge br0 joins the PF and the standby's tap, as a host
+# would; L1 pings the guest every 10 ms while the VF is removed (the standby carries the
+# traffic) and added back (the VF carries it again).
+PFADDR=10.98.0.2/24
+$IPROUTE addr del $PFADDR dev "$PF"
+$IPROUTE tuntap add dev tfo mode tap
+$IPROUTE link add br0 type bridge && $IPROUTE link set br0 up
+$IPROUTE link set "$PF" master br0 && $IPROUTE link set tfo master br0 && $IPROUTE link set tfo up
+$IPROUTE addr add $PFADDR dev br0
 SOCK=/tmp/fo.sock
-cat > /tmp/unplug.sh <<'L2'
-i=0; until l2_if_by_driver igbvf > /dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i + 1)); done
-echo "L2-UNPLUG-VF-UP if=$(l2_if_by_driver igbvf)"
-i=0
-while grep -qx 0x10ca /sys/bus/pci/devices/*/device 2>/dev/null && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); done
-echo "L2-UNPLUG-GONE vf_devices=$(grep -lx 0x10ca /sys/bus/pci/devices/*/device 2>/dev/null | wc -l) standby=$(ls /sys/class/net | tr '\n' ' ')"
-sleep 600
+cat > /tmp/switch.sh <<'L2'
+ip link set lo up
+echo 1 > /proc/sys/net/ipv6/conf/all/disable_ipv6
+echo 1 > /proc/sys/net/ipv6/conf/default/disable_ipv6
+i=0; until { VF=$(l2_if_by_driver igbvf) && [ -e "/sys/class/net/$VF/master" ]; } || [ $i -ge 150 ]; do sleep 0.2; i=$((i + 1)); done
+MASTER=$(basename "$(readlink /sys/class/net/$VF/master)")
+SB=-
+for n in /sys/class/net/*; do
+  [ "${n##*/}" != "$VF" ] && [ -e "$n/master" ] && [ "$(basename "$(readlink "$n/master")")" = "$MASTER" ] && SB=${n##*/}
+done
+ip addr add 10.98.0.3/24 dev "$MASTER"
+for i in "$MASTER" "$VF" "$SB"; do ip link set "$i" up; done
+i=0; until grep -q 1 "/sys/class/net/$VF/carrier" 2>/dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i + 1)); done
+echo "L2-SW-READY master=$MASTER vf=$VF standby=$SB"
+st() { cat "/sys/class/net/$1/statistics/$2" 2>/dev/null || echo -; }
+# Each half second: which VF is there (after a re-plug its name may differ) and both paths' rx.
+while :; do
+  v=$(l2_if_by_driver igbvf) || v=-
+  m=-; [ "$v" != - ] && [ -e "/sys/class/net/$v/master" ] && m=$(basename "$(readlink "/sys/class/net/$v/master")")
+  c=-; [ "$v" != - ] && c=$(cat "/sys/class/net/$v/carrier" 2>/dev/null)
+  echo "L2-SW vf=$v vf_master=$m vf_carrier=$c vf_rx=$(st "$v" rx_packets) vf_tx=$(st "$v" tx_packets) sb_rx=$(st "$SB" rx_packets) sb_tx=$(st "$SB" tx_packets)"
+  dmesg -c | grep -iE 'igbvf|failover|eth[0-9]' | sed 's/^/L2-KMSG /'
+  sleep 0.5
+done
 L2
-mkscript_disk /tmp/unplug.img /tmp/unplug.sh
-run_bg unplug $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M --api-socket $SOCK \
+mkscript_disk /tmp/switch.img /tmp/switch.sh
+run_bg switch $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M --api-socket $SOCK \
   --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
-  --disk path=/tmp/unplug.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-if run_wait_for unplug "L2-UNPLUG-VF-UP" 300; then
-  now_ms() { awk '{ printf "%d", $1 * 1000 }' /proc/uptime; }
-  t0=$(now_ms)
-  $TANDEM ctl --api-socket $SOCK device-remove vf0 2>&1 | sed 's/^/L1-UNPLUG-CTL /'
-  echo "L1-UNPLUG-TOOK ms=$(( $(now_ms) - t0 ))"
-  echo "L1-UNPLUG-HOST $(vf_state "$PF" 0)"
-  run_wait_for unplug "L2-UNPLUG-GONE" 60
-  $TANDEM ctl --api-socket $SOCK device-remove vf0 2>&1 | sed 's/^/L1-UNPLUG-AGAIN /'
-  $TANDEM ctl --api-socket $SOCK info | tr -d '\n ' | sed 's/^/L1-UNPLUG-INFO /'; echo
-  $TANDEM ctl --api-socket $SOCK shutdown > /dev/null
+  --disk path=/tmp/switch.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE tandem.modules=igbvf"
+ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
+# wait_lines TEXT N SECS: until the run's output has N lines with TEXT.
+wait_lines() {
+  _i=0
+  while [ "$(grep -c "$1" /tmp/run-switch.log)" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
+  [ "$(grep -c "$1" /tmp/run-switch.log)" -ge "$2" ]
+}
+# ping_report MARKER LOG: busybox ping's answered seq numbers -> lost packets and the
+# longest run of them (x 10 ms, the interval).
+ping_report() {
+  awk -v m="$1" -F'seq=' '/bytes from/ { split($2, a, " "); s = a[1] + 0; if (n && s - prev - 1 > gap) gap = s - prev - 1; prev = s; n++ }
+    /packets transmitted/ { tx = $1 + 0 }
+    END { printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
+}
+sb_rx() { ctl counters | tr -d '\n ' | sed -n 's/.*"sb0":{[^}]*"rx_packets":\([0-9]*\).*/\1/p'; }
+last_sw() { grep "^L2-SW " /tmp/run-switch.log | tail -n 1; }
+if run_wait_for switch "L2-SW-READY" 300; then
+  echo "L1-SW-INFO-START $(ctl info | tr -d '\n ')"
+  ping -i 0.01 10.98.0.3 > /tmp/ping.log 2>&1 &
+  PING=$!
+  sleep 3
+  echo "L1-SW-BEFORE sb0_rx=$(sb_rx) $(last_sw)"
+  grep vfio /proc/interrupts | tr -s ' ' | sed 's/^/L1-SW-IRQ0 /'
+  ctl device-remove vf0 2>&1 | sed 's/^/L1-SW-REMOVE /'
+  echo "L1-SW-HOST-PARKED $(vf_state "$PF" 0)"
+  ctl device-remove vf0 2>&1 | sed 's/^/L1-SW-REMOVE-AGAIN /'
+  ctl device-add vf=pf=$PF,index=0,id=vf9 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD-IN-USE /'; echo
+  ctl device-add nosuch 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD-UNKNOWN /'; echo
+  sleep 4
+  echo "L1-SW-DURING sb0_rx=$(sb_rx) $(last_sw) info=$(ctl info | tr -d '\n ')"
+  ctl device-add vf0 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD /'; echo
+  ctl device-add vf0 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD-AGAIN /'; echo
+  sleep 6
+  a=$(last_sw); sleep 2; b=$(last_sw)
+  echo "L1-SW-AFTER-A $a"
+  echo "L1-SW-AFTER-B $b sb0_rx=$(sb_rx)"
+  $IPROUTE -s link show "$PF" | sed 's/^/L1-SW-PF /'
+  dmesg | tail -n 20 | sed 's/^/L1-SW-KMSG /'
+  grep vfio /proc/interrupts | tr -s ' ' | sed 's/^/L1-SW-IRQ /'
+  kill -INT $PING; wait $PING
+  ping_report L1-SW-PING /tmp/ping.log
+  echo "L1-SW-HOST-BACK $(vf_state "$PF" 0)"
+
+  # Automatic: the PF loses its link, Tandem unplugs the VF by itself (the standby carries
+  # the traffic); the link comes back, and so does the VF.
+  ping -i 0.01 10.98.0.3 > /tmp/ping2.log 2>&1 &
+  PING=$!
+  sleep 2
+  echo "L1-AUTO-BEFORE sb0_rx=$(sb_rx) $(last_sw)"
+  $IPROUTE link set "$PF" down
+  run_wait_for switch "tandem: vf0: unplugged" 60 && echo "L1-AUTO-UNPLUGGED"
+  sleep 3
+  echo "L1-AUTO-DOWN sb0_rx=$(sb_rx) $(last_sw) info=$(ctl info | tr -d '\n ')"
+  $IPROUTE link set "$PF" up
+  wait_lines "tandem: vf0: plugged into the guest" 3 60 && echo "L1-AUTO-REPLUGGED"
+  sleep 6
+  a=$(last_sw); sleep 2; b=$(last_sw)
+  echo "L1-AUTO-UP-A $a"
+  echo "L1-AUTO-UP-B $b info=$(ctl info | tr -d '\n ')"
+  kill -INT $PING; wait $PING
+  ping_report L1-AUTO-PING /tmp/ping2.log
+  echo "L1-SW-COUNTERS $(ctl counters | tr -d '\n ')"
+  ctl shutdown > /dev/null
 fi
-run_end unplug
+run_end switch
+echo "L1-SW-AFTER-EXIT $(vf_state "$PF" 0)"
+$IPROUTE link del br0
 tap_down tfo

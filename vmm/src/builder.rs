@@ -12,12 +12,16 @@ use crate::device_manager::{
     check_passthrough_host, DeviceError, DeviceManager, InterruptRemapping, PassthroughReport,
 };
 use crate::exit::ExitLatch;
+use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair};
 use crate::memory::RamBacking;
+use crate::passthrough::NicInfo;
+use crate::runner::FailoverSetup;
 use crate::runner::{RunError, RunningVm};
 use crate::sriov::{Host, Leases};
 use crate::terminal::StdinPump;
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
+use devices::virtio::net::StandbyListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -147,11 +151,20 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     for disk in &config.disks {
         devices.add_disk(disk)?;
     }
+    let (events, events_rx) = FailoverEvents::new().map_err(BuildError::ExitEvent)?;
     for nic in &config.nets {
-        devices.add_net(nic)?;
+        let standby = nic.standby.then(|| {
+            let (events, id) = (events.clone(), nic.id.clone());
+            Arc::new(move || events.send(FailoverEvent::Standby(id.clone()))) as StandbyListener
+        });
+        devices.add_net(nic, standby)?;
     }
+    let pairs = failover_pairs(config, &leases)?;
     for (id, sysfs) in leases.passthrough() {
-        report_passthrough(&devices.add_passthrough(id, sysfs)?);
+        // A failover VF waits for the guest to negotiate STANDBY (see `failover`).
+        if !pairs.iter().any(|p| p.vf == id) {
+            report_passthrough(&devices.add_passthrough(id, sysfs, None)?);
+        }
     }
     devices.mark_present();
 
@@ -173,7 +186,28 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
         (SerialConfig::Stdio, Some(serial)) => Some(StdinPump::start(serial.clone()).map_err(BuildError::Stdin)?),
         _ => None,
     };
-    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch, leases)?)
+    let nics = config
+        .nets
+        .iter()
+        .map(|n| NicInfo { id: n.id.clone(), tap: n.tap.clone(), mac: n.mac, standby: n.standby })
+        .collect();
+    let failover = FailoverSetup { pairs, nics, events, events_rx };
+    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch, leases, failover)?)
+}
+
+/// The failover pairs of `config`, their VFs leased (MAC set) and now parked: the MAC
+/// is cleared on the PF until the guest takes the VF.
+fn failover_pairs(config: &VmConfig, leases: &Leases) -> Result<Vec<FailoverPair>, BuildError> {
+    let mut pairs = Vec::new();
+    for spec in &config.vfs {
+        let Some(net) = &spec.failover else { continue };
+        let (Some(nic), Some(mac)) = (config.nets.iter().find(|n| &n.id == net), spec.mac) else { continue };
+        if let Some(lease) = leases.vfs.iter().find(|l| l.id() == spec.id) {
+            lease.set_mac([0; 6])?;
+        }
+        pairs.push(FailoverPair::new(&spec.id, net, &nic.tap, &spec.pf, mac, spec.auto_failover()));
+    }
+    Ok(pairs)
 }
 
 /// One line per passthrough device on stderr: where it went, whether its interrupts are

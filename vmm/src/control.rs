@@ -2,53 +2,51 @@
 //! and the VM's device list.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use serde_json::{json, Map, Value};
 
 use crate::api::{ApiError, VmControl};
-use crate::device_manager::{DeviceManager, DeviceStats, DeviceSummary, Removal};
+use crate::device_manager::{DeviceStats, DeviceSummary};
 use crate::exit::GuestExit;
+use crate::failover::Cause;
+use crate::passthrough::{removal_text, AddRequest, Passthrough, PlugError};
 use crate::runner::{RunError, VmStopper};
-use crate::sriov::Leases;
+use crate::sriov::{DeviceSpec, VfSpec};
 use crate::VmConfig;
-
-/// How long the guest gets to give a device back before Tandem takes it anyway.
-const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Control {
     vm: VmStopper,
-    devices: Arc<Mutex<DeviceManager>>,
-    leases: Arc<Mutex<Leases>>,
+    passthrough: Arc<Mutex<Passthrough>>,
     cpus: u32,
     memory: u64,
     started: Instant,
 }
 
 impl Control {
-    pub fn new(
-        vm: VmStopper,
-        devices: Arc<Mutex<DeviceManager>>,
-        leases: Arc<Mutex<Leases>>,
-        config: &VmConfig,
-    ) -> Self {
-        Self { vm, devices, leases, cpus: config.cpus, memory: config.memory, started: Instant::now() }
+    pub fn new(vm: VmStopper, passthrough: Arc<Mutex<Passthrough>>, config: &VmConfig) -> Self {
+        Self { vm, passthrough, cpus: config.cpus, memory: config.memory, started: Instant::now() }
+    }
+
+    fn passthrough(&self) -> std::sync::MutexGuard<'_, Passthrough> {
+        self.passthrough.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     fn summary(&self) -> Vec<DeviceSummary> {
-        self.devices.lock().unwrap_or_else(|e| e.into_inner()).summary()
-    }
-
-    fn check_device(&self, id: &str) -> Result<(), ApiError> {
-        let devices = self.summary();
-        if devices.iter().any(|d| d.id == id) {
-            return Ok(());
-        }
-        let ids: Vec<&str> = devices.iter().map(|d| d.id.as_str()).collect();
-        Err(ApiError::NotFound(format!("no device {id:?}; the VM has: {}", ids.join(", "))))
+        let devices = self.passthrough().devices().clone();
+        let summary = devices.lock().unwrap_or_else(|e| e.into_inner()).summary();
+        summary
     }
 }
 
+fn plug_error(e: PlugError) -> ApiError {
+    match e {
+        PlugError::NotFound(m) => ApiError::NotFound(m),
+        PlugError::Conflict(m) => ApiError::Conflict(m),
+        PlugError::BadRequest(m) => ApiError::BadRequest(m),
+        PlugError::Failed(m) => ApiError::Internal(m),
+    }
+}
 fn run_error(e: RunError) -> ApiError {
     match e {
         RunError::AlreadyPaused | RunError::NotPaused | RunError::Ended => ApiError::Conflict(e.to_string()),
@@ -92,12 +90,19 @@ impl VmControl for Control {
                 v
             })
             .collect();
+        let failover: Vec<Value> = self
+            .passthrough()
+            .pairs()
+            .iter()
+            .map(|p| json!({ "vf": p.vf, "standby": p.net, "mac": devices::virtio::net::format_mac(&p.mac), "state": p.state.name(), "auto": p.auto }))
+            .collect();
         json!({
             "state": if self.vm.is_paused() { "paused" } else { "running" },
             "cpus": self.cpus,
             "memory_mib": self.memory >> 20,
             "uptime_ms": self.started.elapsed().as_millis() as u64,
             "devices": devices,
+            "failover": failover,
         })
     }
 
@@ -108,7 +113,16 @@ impl VmControl for Control {
         for d in &self.summary() {
             devices.insert(d.id.clone(), device_counters(&d.stats));
         }
+        let r = {
+            let devices = self.passthrough().devices().clone();
+            let r = devices.lock().unwrap_or_else(|e| e.into_inner()).resources();
+            r
+        };
         json!({
+            "resources": {
+                "msi_gsis": r.msi_gsis, "bar_memory_slots": r.bar_memory_slots, "dma_mappings": r.dma_mappings,
+                "pci_devices": r.pci_devices, "open_fds": open_fds(),
+            },
             "vm_exits": {
                 "pio": c.pio.load(Relaxed), "mmio": c.mmio.load(Relaxed),
                 "pio_unhandled": c.pio_unhandled.load(Relaxed), "mmio_unhandled": c.mmio_unhandled.load(Relaxed),
@@ -132,37 +146,30 @@ impl VmControl for Control {
     }
 
     fn device_remove(&self, id: &str) -> Result<(), ApiError> {
-        self.check_device(id)?;
-        let removed = self.devices.lock().unwrap_or_else(|e| e.into_inner()).remove_pci_device(id, EJECT_TIMEOUT);
-        let (removal, stats) = removed.map_err(|e| ApiError::Internal(format!("removing {id}: {e}")))?;
-        match removal {
-            Removal::Ejected { waited } => {
-                eprintln!("tandem: {id}: removed (the guest gave it back in {} ms)", waited.as_millis())
-            }
-            Removal::Forced { waited } => eprintln!(
-                "tandem: warning: {id}: the guest did not give it back within {} ms; removed anyway",
-                waited.as_millis()
-            ),
-        }
-        if let DeviceStats::Passthrough { .. } = stats {
-            // The device is closed (VFIO released it): the host gets it back now.
-            let released = self.leases.lock().unwrap_or_else(|e| e.into_inner()).release(id);
-            match released {
-                Some(Ok(warnings)) => warnings.iter().for_each(|w| eprintln!("tandem: warning: {id}: {w}")),
-                Some(Err(e)) => {
-                    return Err(ApiError::Internal(format!(
-                        "{id} left the guest, but restoring it on the host failed: {e}; run `tandem cleanup`"
-                    )))
-                }
-                None => {}
-            }
-        }
+        let removal = self.passthrough().remove(id, Cause::User).map_err(plug_error)?;
+        eprintln!("tandem: {id}: removed ({})", removal_text(&removal));
         Ok(())
     }
 
-    fn device_add(&self, _request: &Value) -> Result<Value, ApiError> {
-        Err(ApiError::Conflict(
-            "this build of Tandem has no PCI hot-plug yet: give the device at start (--vf or --device)".into(),
-        ))
+    fn device_add(&self, request: &Value) -> Result<Value, ApiError> {
+        let field = |k: &str| request.get(k).and_then(Value::as_str);
+        let bad = |e: crate::config::ConfigError| ApiError::BadRequest(e.to_string());
+        let add = if let Some(spec) = field("vf") {
+            AddRequest::Vf(VfSpec::parse(spec, 0).map_err(bad)?)
+        } else if let Some(spec) = field("device") {
+            AddRequest::Device(DeviceSpec::parse(spec, 0).map_err(bad)?)
+        } else if let Some(id) = field("id") {
+            AddRequest::Parked(id.to_string())
+        } else {
+            return Err(ApiError::BadRequest("device-add needs one of vf, device or id".into()));
+        };
+        let plugged = self.passthrough().add(add).map_err(plug_error)?;
+        eprintln!("tandem: {}: added ({} at guest PCI 00:{:02x}.0)", plugged.id, plugged.bdf, plugged.slot);
+        Ok(json!({ "id": plugged.id, "host_bdf": plugged.bdf, "guest_pci": format!("0000:00:{:02x}.0", plugged.slot) }))
     }
+}
+
+/// File descriptors this process has open: a leak shows across hot-plug cycles.
+fn open_fds() -> u64 {
+    std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count() as u64)
 }

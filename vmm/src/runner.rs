@@ -6,6 +6,8 @@ use std::time::{Duration, Instant};
 
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitLatch, GuestExit};
+use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair, FailoverWorker, Switch};
+use crate::passthrough::{NicInfo, Passthrough};
 use crate::sriov::Leases;
 use crate::terminal::StdinPump;
 use crate::vcpu::{install_kick_handler, ExitCounters, PauseGate, Vcpu, VcpuHandle};
@@ -33,6 +35,24 @@ pub enum RunError {
     NotPaused,
     #[error("only {parked} of {vcpus} vCPUs stopped within 5 s; the VM keeps running")]
     PauseTimeout { parked: usize, vcpus: usize },
+    #[error("cannot start the failover worker: {0}")]
+    Failover(#[source] std::io::Error),
+}
+
+/// What the failover worker starts with (see [`crate::failover`]).
+pub struct FailoverSetup {
+    pub pairs: Vec<FailoverPair>,
+    pub nics: Vec<NicInfo>,
+    pub events: Arc<FailoverEvents>,
+    pub events_rx: std::sync::mpsc::Receiver<FailoverEvent>,
+}
+
+impl FailoverSetup {
+    /// No pairs yet: a VM whose NICs and VFs are added later, if ever.
+    pub fn empty() -> std::io::Result<Self> {
+        let (events, events_rx) = FailoverEvents::new()?;
+        Ok(Self { pairs: Vec::new(), nics: Vec::new(), events, events_rx })
+    }
 }
 
 /// What other threads (the signal thread, the API server) may do to a running VM:
@@ -123,6 +143,10 @@ pub struct RunningVm {
     /// The control socket; stopped first in `halt_vcpus`, which drops its references to
     /// the devices and leases, so that they go below in order.
     api: Option<crate::api::ApiServer>,
+    /// Acts on failover events; stopped right after the socket, for the same reason.
+    failover: Option<FailoverWorker>,
+    /// Plugs and unplugs host devices; shares the devices and leases below.
+    passthrough: Option<Arc<Mutex<Passthrough>>>,
     vcpus: Vec<VcpuHandle>,
     stdin: Option<StdinPump>,
     latch: Arc<ExitLatch>,
@@ -149,6 +173,7 @@ impl RunningVm {
         stdin: Option<StdinPump>,
         latch: Arc<ExitLatch>,
         leases: Leases,
+        failover: FailoverSetup,
     ) -> Result<Self, RunError> {
         let counters = Arc::new(ExitCounters::default());
         // Built before anything can fail, so that an error drops the parts in this
@@ -162,10 +187,36 @@ impl RunningVm {
             gate: Arc::new(PauseGate::default()),
             kick: Arc::new(RwLock::new(Vec::new())),
             api: None,
+            failover: None,
+            passthrough: None,
             devices: Some(Arc::new(Mutex::new(devices))),
             vm: Some(vm),
             leases: Some(Arc::new(Mutex::new(leases))),
         };
+        if let (Some(devices), Some(leases)) = (&running.devices, &running.leases) {
+            let host = crate::sriov::Host::system();
+            // The PFs the auto pairs follow, by ifindex.
+            let pfs = failover
+                .pairs
+                .iter()
+                .filter(|p| p.auto)
+                .filter_map(|p| host.sysfs.ifindex(&p.pf).ok().map(|i| (i, p.pf.clone())))
+                .collect();
+            let switch = Switch::new(Arc::new(crate::sriov::RtNetlink), "/");
+            let passthrough = Arc::new(Mutex::new(Passthrough::new(
+                devices.clone(),
+                leases.clone(),
+                failover.pairs,
+                failover.nics,
+                switch,
+                failover.events.clone(),
+            )));
+            running.failover = Some(
+                FailoverWorker::spawn(passthrough.clone(), failover.events, failover.events_rx, pfs)
+                    .map_err(RunError::Failover)?,
+            );
+            running.passthrough = Some(passthrough);
+        }
         install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
             let id = vcpu.id();
@@ -187,6 +238,12 @@ impl RunningVm {
         Ok(running)
     }
 
+    /// Plugs and unplugs host devices while the VM runs (what `device-add` and
+    /// `device-remove` use).
+    pub fn passthrough(&self) -> Option<Arc<Mutex<Passthrough>>> {
+        self.passthrough.clone()
+    }
+
     /// The devices on the guest's PCI bus with their counters.
     pub fn device_summary(&self) -> Vec<crate::device_manager::DeviceSummary> {
         self.devices.as_ref().map_or_else(Vec::new, |d| d.lock().unwrap_or_else(|e| e.into_inner()).summary())
@@ -198,8 +255,8 @@ impl RunningVm {
         path: &std::path::Path,
         config: &crate::VmConfig,
     ) -> Result<(), crate::api::ServerError> {
-        let (Some(devices), Some(leases)) = (&self.devices, &self.leases) else { return Ok(()) };
-        let control = crate::control::Control::new(self.stopper(), devices.clone(), leases.clone(), config);
+        let Some(passthrough) = &self.passthrough else { return Ok(()) };
+        let control = crate::control::Control::new(self.stopper(), passthrough.clone(), config);
         self.api = Some(crate::api::ApiServer::start(path, Arc::new(control))?);
         Ok(())
     }
@@ -251,6 +308,8 @@ impl RunningVm {
         // No request may reach the devices from here on (and the server's references to
         // them go, so they are dropped in this struct's order).
         drop(self.api.take());
+        drop(self.failover.take());
+        drop(self.passthrough.take());
         // Parked vCPUs wait on the gate, not in KVM: let them see the latch.
         self.gate.open();
         // No kick through a VmStopper from here on: the threads are about to be joined.

@@ -12,6 +12,7 @@ use devices::BusDevice;
 use vm_memory::{Bytes, GuestAddress};
 use vmm::device_manager::DeviceManager;
 use vmm::exit::ExitLatch;
+use vmm::runner::FailoverSetup;
 use vmm::vcpu::Vcpu;
 use vmm::vm::Vm;
 use vmm::{GuestExit, RunningVm};
@@ -114,7 +115,10 @@ fn real_mode_guest_does_port_io_mmio_and_ioeventfd() {
     v.set_real_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap());
+    let running = with_watchdog(
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap(),
+    );
     let counters = running.counters();
     let exit = running.wait().unwrap();
 
@@ -150,7 +154,10 @@ fn long_mode_guest_does_wide_io_and_mmio() {
     v.set_long_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap());
+    let running = with_watchdog(
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap(),
+    );
     let counters = running.counters();
     let exit = running.wait().unwrap();
 
@@ -180,7 +187,10 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
     v.set_real_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap());
+    let running = with_watchdog(
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while !serial.bytes().contains(&b'W') {
         assert!(Instant::now() < deadline, "guest never got ready; serial: {:?}", serial.bytes());
@@ -200,7 +210,9 @@ fn a_guest_that_never_exits_is_stopped_from_the_host() {
     let t = tiny_vm(&[0xfa, 0xf4, 0xeb, 0xfd]);
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
-    let running = RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap();
+    let running =
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap();
     std::thread::sleep(Duration::from_millis(50));
     running.stopper().stop(GuestExit::Stopped { signal: 15 });
     // `wait` fails with StuckVcpus if the halted vCPU could not be kicked out of KVM_RUN.
@@ -214,7 +226,10 @@ fn a_paused_guest_runs_no_instruction_until_resumed() {
     let t = tiny_vm(&code);
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
-    let running = with_watchdog(RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default()).unwrap());
+    let running = with_watchdog(
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap(),
+    );
     let handle = running.stopper();
     let counters = running.counters();
     let reads = || counters.pio_unhandled.load(Relaxed);

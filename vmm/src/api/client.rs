@@ -22,7 +22,8 @@ commands:
   shutdown                  stop the VM
   device-remove ID          unplug the device with that id
   device-add vf=SPEC        plug an SR-IOV VF; SPEC as for --vf, e.g. vf=pf=eth0,index=0,id=vf0
-  device-add device=SPEC    plug a whole PCI device; SPEC as for --device";
+  device-add device=SPEC    plug a whole PCI device; SPEC as for --device
+  device-add ID             plug back a failover VF that device-remove (or its PF's link) took out";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -132,10 +133,12 @@ pub fn run_ctl(path: &Path, args: &[String]) -> Result<String, ClientError> {
         .map_err(|e| ClientError::BadResponse { path: path.into(), reason: format!("cannot print the answer: {e}") })
 }
 
-/// `vf=SPEC` or `device=SPEC` → `{"vf": "SPEC"}`; the spec itself is checked by tandem.
+/// `vf=SPEC` or `device=SPEC` → `{"vf": "SPEC"}`, a bare `ID` → `{"id": "ID"}`; the spec
+/// itself is checked by tandem.
 fn device_add_body(arg: &str) -> Result<Value, ClientError> {
     match arg.split_once('=') {
         Some((key @ ("vf" | "device"), spec)) if !spec.is_empty() => Ok(json!({ key: spec })),
+        None if !arg.is_empty() && !arg.contains(',') => Ok(json!({ "id": arg })),
         _ => Err(ClientError::Usage(format!(
             "device-add takes vf=SPEC or device=SPEC, not {arg:?} (e.g. device-add vf=pf=eth0,index=0)"
         ))),
@@ -146,7 +149,7 @@ fn usage_error(command: &str) -> String {
     match command {
         "info" | "counters" | "pause" | "resume" | "shutdown" => format!("{command} takes no arguments"),
         "device-remove" => "device-remove takes one device id".into(),
-        "device-add" => "device-add takes one vf=SPEC or device=SPEC".into(),
+        "device-add" => "device-add takes one vf=SPEC, device=SPEC or ID".into(),
         _ => format!("unknown command {command:?}"),
     }
 }
@@ -185,6 +188,7 @@ mod tests {
         let body = device_add_body("vf=pf=eth0,index=0,mac=02:00:00:00:00:01").unwrap();
         assert_eq!(body, json!({"vf": "pf=eth0,index=0,mac=02:00:00:00:00:01"}));
         assert_eq!(device_add_body("device=path=/sys/x").unwrap(), json!({"device": "path=/sys/x"}));
+        assert_eq!(device_add_body("vf0").unwrap(), json!({"id": "vf0"}), "a parked VF by its id");
     }
 
     #[test]

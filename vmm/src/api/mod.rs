@@ -32,7 +32,7 @@
 //! | `/api/v1/resume` | `PUT` | none | `204`; `409` when not paused |
 //! | `/api/v1/shutdown` | `PUT` | none | `204`; the VM stops after the reply |
 //! | `/api/v1/device-remove` | `PUT` | `{"id": "vf0"}` | `204`; `404` unknown id, `409` already being removed |
-//! | `/api/v1/device-add` | `PUT` | `{"vf": "pf=eth0,index=0,id=vf0"}` or `{"device": "path=/sys/bus/pci/devices/0000:01:00.0"}` | `200`, the added device (e.g. `{"id": "vf0"}`); `409` when it is in use |
+//! | `/api/v1/device-add` | `PUT` | `{"vf": "pf=eth0,index=0,id=vf0"}`, `{"device": "path=/sys/bus/pci/devices/0000:01:00.0"}`, or `{"id": "vf0"}` for a failover VF held out of the guest | `200`, the added device (`{"id", "host_bdf", "guest_pci"}`); `409` when it is in use, present already or held back |
 //!
 //! "none" means an empty body; `{}` is accepted as well. The `vf` and `device` strings take
 //! exactly the syntax of the `--vf` and `--device` command-line flags.
@@ -79,7 +79,8 @@ pub trait VmControl: Send + Sync {
     fn shutdown(&self) -> Result<(), ApiError>;
     fn device_remove(&self, id: &str) -> Result<(), ApiError>;
     /// `request` is the route's body, already checked to be an object with exactly one of
-    /// `"vf"` or `"device"`, a non-empty string. Returns the JSON to answer with.
+    /// `"vf"`, `"device"` (a new device) or `"id"` (a failover VF held out of the guest),
+    /// a non-empty string. Returns the JSON to answer with.
     fn device_add(&self, request: &Value) -> Result<Value, ApiError>;
 }
 

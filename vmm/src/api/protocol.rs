@@ -106,9 +106,9 @@ fn dispatch(control: &dyn VmControl, name: &str, route: Route, body: &[u8]) -> R
             Ok(Response::no_content())
         }
         Route::DeviceAdd => {
-            const EXAMPLE: &str = r#"{"vf": "pf=eth0,index=0"} or {"device": "path=/sys/bus/pci/devices/BDF"}"#;
+            const EXAMPLE: &str = r#"{"vf": "pf=eth0,index=0"}, {"device": "path=/sys/bus/pci/devices/BDF"} or {"id": "vf0"} (a parked VF)"#;
             let fields = object(name, body, EXAMPLE)?;
-            only_string_field(name, &fields, &["vf", "device"], EXAMPLE)?;
+            only_string_field(name, &fields, &["vf", "device", "id"], EXAMPLE)?;
             Ok(Response::ok(control.device_add(&Value::Object(fields))?))
         }
     }

@@ -68,10 +68,25 @@ impl DeviceManager {
         }
     }
 
+    /// Announces the device just put in `slot` to the guest (a hot-plug): it rescans
+    /// the slot and probes the device.
+    pub fn announce(&self, id: &str, slot: u8) -> Result<(), DeviceError> {
+        let hotplug = self.hotplug.as_ref().ok_or(DeviceError::NoHotplug)?;
+        let mut c = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner());
+        c.request_plug(slot)
+            .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: format!("slot {slot}: {e}") })
+    }
+
     /// Asks the guest to give device `id` back, waits up to `timeout` for its eject,
-    /// then takes it off the bus (BARs unmapped, interrupts off, reset, released).
-    /// Returns how it ended and what the device was.
-    pub fn remove_pci_device(&mut self, id: &str, timeout: Duration) -> Result<(Removal, DeviceStats), DeviceError> {
+    /// runs `ejected` (the guest has let go; the device is still open), then takes it
+    /// off the bus (BARs unmapped, interrupts off, reset, released). Returns how it
+    /// ended and what the device was.
+    pub fn remove_pci_device(
+        &mut self,
+        id: &str,
+        timeout: Duration,
+        ejected: impl FnOnce(),
+    ) -> Result<(Removal, DeviceStats), DeviceError> {
         let index = self
             .pci_devices
             .iter()
@@ -81,11 +96,18 @@ impl DeviceManager {
         let hotplug = self.hotplug.as_ref().ok_or(DeviceError::NoHotplug)?;
         let start = Instant::now();
         {
+            // An eject nobody waited for (the guest let a device go on its own) must not
+            // be taken for the answer to this request.
+            let ejects = hotplug.ejects.lock().unwrap_or_else(|e| e.into_inner());
+            while let Ok(stale) = ejects.try_recv() {
+                eprintln!("tandem: warning: the guest ejected slot {stale} unasked; it stays on the bus until removed");
+            }
+            drop(ejects);
             let mut c = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner());
             c.request_unplug(slot)
                 .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: format!("slot {slot}: {e}") })?;
         }
-        let ejected = loop {
+        let was_ejected = loop {
             let left = timeout.saturating_sub(start.elapsed());
             match hotplug.ejects.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(left) {
                 Ok(s) if s == slot => break true,
@@ -94,14 +116,47 @@ impl DeviceManager {
             }
         };
         let waited = start.elapsed();
-        if !ejected {
+        if !was_ejected {
             let _ = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner()).force_remove(slot);
         }
+        ejected();
+        let stats = self.take_off_bus(index)?;
+        let removal = if was_ejected { Removal::Ejected { waited } } else { Removal::Forced { waited } };
+        Ok((removal, stats))
+    }
+
+    /// Takes a device the guest was never told about off the bus again (a hot-plug
+    /// that failed half-way).
+    pub fn discard_pci_device(&mut self, id: &str) {
+        if let Some(index) = self.pci_devices.iter().position(|e| e.id == id) {
+            let slot = self.pci_devices[index].slot;
+            if let Some(h) = &self.hotplug {
+                let _ = h.controller.lock().unwrap_or_else(|e| e.into_inner()).force_remove(slot);
+            }
+            let _ = self.take_off_bus(index);
+        }
+    }
+
+    /// Unmaps, detaches and drops device `index` of `pci_devices`.
+    fn take_off_bus(&mut self, index: usize) -> Result<DeviceStats, DeviceError> {
         let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
-        let device = pci.segment.remove(slot)?;
+        let device = pci.segment.remove(self.pci_devices[index].slot)?;
         let entry = self.pci_devices.remove(index);
         drop(device);
-        let removal = if ejected { Removal::Ejected { waited } } else { Removal::Forced { waited } };
-        Ok((removal, entry.stats))
+        // The last reference closes a passthrough device (and with the VM's last one
+        // the container goes, unmapping guest RAM). Anything still holding it would
+        // keep it open: then it is not counted as closed.
+        let closed = Arc::strong_count(&entry.device) == 1;
+        drop(entry.device);
+        if let (DeviceStats::Passthrough { .. }, Some(vfio)) = (&entry.stats, pci.vfio.as_mut()) {
+            if closed {
+                if vfio.device_closed() {
+                    pci.vfio = None;
+                }
+            } else {
+                eprintln!("tandem: warning: {}: still referenced after leaving the bus; it stays open", entry.id);
+            }
+        }
+        Ok(entry.stats)
     }
 }

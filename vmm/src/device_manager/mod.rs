@@ -9,7 +9,7 @@ mod vfio_checks;
 mod virtio;
 
 pub use hotplug::Removal;
-pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
+pub use vfio::{pci_sysfs_path, DmaMapStats, DriverReady, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
 use std::sync::{Arc, Mutex};
@@ -81,8 +81,11 @@ struct PciState {
     routing: Arc<GsiRouting>,
     event_loop: Arc<DeviceEventLoop>,
     memory: GuestMemory,
-    /// Created with the first passthrough device.
+    /// Created with the first passthrough device, dropped when the last one leaves.
     vfio: Option<vfio::VfioHost>,
+    /// The VM's KVM VFIO device: KVM allows one per VM, for its whole life, so every
+    /// container the VM makes registers its groups through this one.
+    kvm_vfio: Option<Arc<vfio_ioctls::VfioDeviceFd>>,
 }
 
 /// A device on the PCI bus, by the id the user gave it.
@@ -112,6 +115,18 @@ impl DeviceStats {
             Self::Passthrough { .. } => "vfio-pci",
         }
     }
+}
+
+/// Counts of what the devices hold from KVM and VFIO.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ResourceCounts {
+    /// GSIs allocated for MSI/MSI-X vectors.
+    pub msi_gsis: usize,
+    /// KVM memory slots over passthrough BARs.
+    pub bar_memory_slots: usize,
+    /// Guest RAM regions mapped in the VFIO container for DMA.
+    pub dma_mappings: usize,
+    pub pci_devices: usize,
 }
 
 /// One device as the API lists it.
@@ -155,6 +170,7 @@ impl DeviceManager {
             event_loop: Arc::new(DeviceEventLoop::start()?),
             memory: vm.memory().clone(),
             vfio: None,
+            kvm_vfio: None,
         });
         Ok(())
     }
@@ -168,6 +184,17 @@ impl DeviceManager {
     pub fn summary(&self) -> Vec<DeviceSummary> {
         let entry = |e: &PciDeviceEntry| DeviceSummary { id: e.id.clone(), slot: e.slot, stats: e.stats.clone() };
         self.pci_devices.iter().map(entry).collect()
+    }
+
+    /// What the devices hold now, for spotting leaks across hot-plug cycles.
+    pub fn resources(&self) -> ResourceCounts {
+        let Some(pci) = &self.pci else { return ResourceCounts::default() };
+        ResourceCounts {
+            msi_gsis: pci.routing.allocated(),
+            bar_memory_slots: pci.segment.memory_slots(),
+            dma_mappings: pci.vfio.as_ref().map_or(0, |v| v.dma_mappings()),
+            pci_devices: self.pci_devices.len(),
+        }
     }
 
     /// BAR moves the guest asked for that could not be applied (overlaps, KVM refusals).

@@ -234,6 +234,11 @@ impl PciSegment {
         Ok(device)
     }
 
+    /// KVM memory slots mapped over BARs now.
+    pub fn memory_slots(&self) -> usize {
+        self.mapper.mapped.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
     /// BAR or ioeventfd changes that could not be applied (see `BarMapFailures`).
     pub fn map_failures(&self) -> u64 {
         self.mapper.failures.0.load(std::sync::atomic::Ordering::Relaxed)

@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
-use kvm_ioctls::VmFd;
 use pci::vfio::{vector_count, HostVfioDevice};
 use pci::VfioPciDevice;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
@@ -61,20 +60,25 @@ pub(super) struct VfioHost {
     memory: GuestMemory,
     /// Guest RAM regions mapped for DMA, as (IOVA, size).
     mapped: Vec<(u64, u64)>,
+    /// Devices open in the container. When the last one closes, the container goes and
+    /// guest RAM is unmapped (unpinned): a VM without passthrough devices pins nothing.
+    devices: usize,
     stats: DmaMapStats,
     interrupts: InterruptRemapping,
 }
 
 impl VfioHost {
-    fn new(vm: &VmFd, memory: GuestMemory, interrupts: InterruptRemapping) -> Result<Self, VfioHostError> {
-        let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
-        let kvm_device = vm.create_device(&mut create).map_err(VfioHostError::KvmDevice)?;
-        let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_device))))
-            .map_err(VfioHostError::Container)?;
+    fn new(
+        kvm_vfio: Arc<VfioDeviceFd>,
+        memory: GuestMemory,
+        interrupts: InterruptRemapping,
+    ) -> Result<Self, VfioHostError> {
+        let container = VfioContainer::new(Some(kvm_vfio)).map_err(VfioHostError::Container)?;
         Ok(Self {
             container: Arc::new(container),
             memory,
             mapped: Vec::new(),
+            devices: 0,
             stats: DmaMapStats::default(),
             interrupts,
         })
@@ -88,9 +92,43 @@ impl VfioHost {
         let device = VfioDevice::new(sysfs, ops, false)
             .map_err(|e| VfioHostError::Device { reason: explain_open_error(&e, sysfs), bdf: bdf.clone() })?;
         if self.mapped.is_empty() {
-            self.map_guest_ram()?;
+            self.stats = DmaMapStats::default();
+            if let Err(e) = self.map_guest_ram() {
+                self.unmap_guest_ram();
+                return Err(e);
+            }
         }
+        self.devices += 1;
         Ok(Arc::new(device))
+    }
+
+    /// A device opened here was closed (dropped, so reset by VFIO: no DMA in flight).
+    /// Returns whether none is left: then the container should go, with its groups
+    /// (vfio-ioctls keeps a group open while its container lives, and a group opened
+    /// before its device was rebound to vfio-pci no longer finds it).
+    pub(super) fn device_closed(&mut self) -> bool {
+        self.devices = self.devices.saturating_sub(1);
+        self.devices == 0
+    }
+
+    /// Unmaps what `map_guest_ram` mapped; a region the IOMMU would not unmap stays
+    /// listed (and pinned), so that it is never mapped twice.
+    fn unmap_guest_ram(&mut self) {
+        let container = &self.container;
+        self.mapped.retain(|&(iova, len)| {
+            match container.vfio_dma_unmap(iova, usize::try_from(len).unwrap_or(usize::MAX)) {
+                Ok(()) => false,
+                Err(e) => {
+                    eprintln!("tandem: warning: cannot unmap guest RAM at {iova:#x} from the IOMMU: {e}");
+                    true
+                }
+            }
+        });
+    }
+
+    /// Guest RAM regions mapped for DMA now.
+    pub(super) fn dma_mappings(&self) -> usize {
+        self.mapped.len()
     }
 
     /// One MAP_DMA per RAM region (at most two: below the PCI hole and above 4 GiB);
@@ -125,10 +163,8 @@ impl VfioHost {
 
 impl Drop for VfioHost {
     fn drop(&mut self) {
-        for (iova, len) in self.mapped.drain(..) {
-            // Best effort: closing the container releases the mappings anyway.
-            let _ = self.container.vfio_dma_unmap(iova, usize::try_from(len).unwrap_or(usize::MAX));
-        }
+        // Best effort: closing the container releases the mappings anyway.
+        self.unmap_guest_ram();
     }
 }
 
@@ -203,56 +239,140 @@ pub struct PassthroughReport {
     pub bdf: String,
     pub slot: u8,
     pub interrupts: InterruptRemapping,
-    /// Set for the device that mapped guest RAM (the VM's first).
+    /// Set for the device that mapped guest RAM (the first one open).
     pub dma: Option<DmaMapStats>,
     pub attach: Duration,
 }
 
+/// Tells the VMM once when the guest's driver first turns one of the device's
+/// interrupts on: for a NIC, the moment it is ready to receive.
+pub type DriverReady = Arc<dyn Fn() + Send + Sync>;
+
+/// MSI vectors that call a [`DriverReady`] on the first vector the guest enables.
+struct ReadyVectors {
+    inner: KvmMsiVectors,
+    ready: Mutex<Option<DriverReady>>,
+}
+
+impl ReadyVectors {
+    fn fire(&self) {
+        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(ready) = ready {
+            ready();
+        }
+    }
+}
+
+impl pci::MsiVectors for ReadyVectors {
+    fn enable(&self, vector: u16, msg: pci::MsiMessage) {
+        self.inner.enable(vector, msg);
+        self.fire();
+    }
+    fn disable(&self, vector: u16) {
+        self.inner.disable(vector);
+    }
+    fn mask(&self, vector: u16) {
+        self.inner.mask(vector);
+    }
+    fn unmask(&self, vector: u16) {
+        self.inner.unmask(vector);
+        self.fire();
+    }
+    fn trigger(&self, vector: u16) -> std::io::Result<()> {
+        self.inner.trigger(vector)
+    }
+    fn notifier(&self, vector: u16) -> Option<&vmm_sys_util::eventfd::EventFd> {
+        self.inner.notifier(vector)
+    }
+}
+
 impl DeviceManager {
     /// Puts the host PCI device at `sysfs` (/sys/bus/pci/devices/BDF, bound to vfio-pci)
-    /// on the guest's PCI bus.
-    pub fn add_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<PassthroughReport, DeviceError> {
+    /// on the guest's PCI bus; `ready` is called (on a vCPU thread: it must only hand
+    /// the news on) when the guest's driver first enables one of its MSI/MSI-X vectors.
+    /// A device added while the guest runs still has to be [`announce`](Self::announce)d.
+    pub fn add_passthrough(
+        &mut self,
+        id: &str,
+        sysfs: &Path,
+        ready: Option<DriverReady>,
+    ) -> Result<PassthroughReport, DeviceError> {
         let start = Instant::now();
         let bdf = bdf_of(sysfs);
         let fail = |e: VfioHostError| DeviceError::Backend { id: id.to_string(), reason: e.to_string() };
         let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
-        let first = pci.vfio.is_none();
-        if first {
+        if pci.vfio.is_none() {
             let host = HostFiles::default();
             host.check_iommu(&bdf).map_err(|e| fail(e.into()))?;
             let interrupts = host.check_interrupt_remapping().map_err(|e| fail(e.into()))?;
             let ram: u64 = pci.memory.iter().map(|r| r.len()).sum();
             host.check_memlock(ram, memlock_limit()).map_err(|e| fail(e.into()))?;
-            pci.vfio = Some(VfioHost::new(&pci.vm, pci.memory.clone(), interrupts).map_err(fail)?);
+            let kvm_vfio = match &pci.kvm_vfio {
+                Some(d) => d.clone(),
+                None => {
+                    let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+                    let device = pci.vm.create_device(&mut create).map_err(|e| fail(VfioHostError::KvmDevice(e)))?;
+                    pci.kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(device))).clone()
+                }
+            };
+            pci.vfio = Some(VfioHost::new(kvm_vfio, pci.memory.clone(), interrupts).map_err(fail)?);
         }
         let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
+        let maps_ram = vfio.dma_mappings() == 0;
         let device = vfio.open(sysfs).map_err(fail)?;
+        let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
+        let placed = Self::place_passthrough(pci, id, &bdf, device, ready);
+        let (slot, shared) = match placed {
+            Ok(placed) => placed,
+            Err(e) => {
+                // The device was dropped (closed) on the way out.
+                if pci.vfio.as_mut().is_some_and(VfioHost::device_closed) {
+                    pci.vfio = None;
+                }
+                return Err(e);
+            }
+        };
+        let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
+        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
+        Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
+    }
+
+    /// Wraps an open VFIO device as a PCI device with its interrupts and puts it on the
+    /// bus; on failure nothing of it is left (the device is closed).
+    fn place_passthrough(
+        pci: &mut super::PciState,
+        id: &str,
+        bdf: &str,
+        device: Arc<VfioDevice>,
+        ready: Option<DriverReady>,
+    ) -> Result<(u8, pci::SharedPciDevice), DeviceError> {
+        let fail = |reason: String| DeviceError::Backend { id: id.to_string(), reason: format!("{bdf}: {reason}") };
         let ops = HostVfioDevice::new(device);
-        let vectors = Arc::new(KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?);
-        let dev = VfioPciDevice::new(Box::new(ops), vectors)
-            .map_err(|e| fail(VfioHostError::Device { bdf: bdf.clone(), reason: e.to_string() }))?;
+        let inner = KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?;
+        let vectors: Arc<dyn pci::MsiVectors> = match ready {
+            Some(ready) => Arc::new(ReadyVectors { inner, ready: Mutex::new(Some(ready)) }),
+            None => Arc::new(inner),
+        };
+        let dev = VfioPciDevice::new(Box::new(ops), vectors).map_err(|e| fail(e.to_string()))?;
         let intx_pin = dev.intx_pin();
         let typed = Arc::new(Mutex::new(dev));
         let shared: pci::SharedPciDevice = typed.clone();
         let slot = pci.segment.add(shared.clone())?;
-        let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
         if let Some(pin) = intx_pin {
             // The DSDT's _PRT routes this slot and pin to this IOAPIC input (boot::layout).
-            let line = Arc::new(KvmIntxLine::new(pci.vm.clone(), boot::layout::pci_intx_gsi(slot, pin))?);
+            let line = match KvmIntxLine::new(pci.vm.clone(), boot::layout::pci_intx_gsi(slot, pin)) {
+                Ok(line) => Arc::new(line),
+                Err(e) => {
+                    let _ = pci.segment.remove(slot);
+                    return Err(e.into());
+                }
+            };
             if let Err(e) = typed.lock().unwrap_or_else(|e| e.into_inner()).set_intx(line) {
                 // The line stays wired; the guest's next command or MSI write retries it.
                 eprintln!("tandem: warning: {id}: {bdf}: cannot enable INTx yet: {e}");
             }
         }
-        Ok(PassthroughReport {
-            id: id.to_string(),
-            bdf,
-            slot,
-            interrupts: vfio.interrupts,
-            dma: first.then_some(vfio.stats),
-            attach: start.elapsed(),
-        })
+        Ok((slot, shared))
     }
 }
 

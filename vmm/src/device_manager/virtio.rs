@@ -23,10 +23,15 @@ impl DeviceManager {
         self.add_virtio(&disk.id, Box::new(block), stats)
     }
 
-    pub fn add_net(&mut self, nic: &NetConfig) -> Result<u8, DeviceError> {
+    /// `standby` hears of the guest negotiating STANDBY (for a failover standby).
+    pub fn add_net(&mut self, nic: &NetConfig, standby: Option<net::StandbyListener>) -> Result<u8, DeviceError> {
         let config =
             net::NetConfig { tap: nic.tap.clone(), mac: nic.mac, queue_pairs: nic.queues, standby: nic.standby };
-        let dev = Net::new(&config).map_err(|e| DeviceError::Backend { id: nic.id.clone(), reason: e.to_string() })?;
+        let mut dev =
+            Net::new(&config).map_err(|e| DeviceError::Backend { id: nic.id.clone(), reason: e.to_string() })?;
+        if let Some(listener) = standby {
+            dev.set_standby_listener(listener);
+        }
         let stats = DeviceStats::Net(dev.counters());
         self.add_virtio(&nic.id, Box::new(dev), stats)
     }

@@ -399,6 +399,28 @@ impl VfLease {
         Ok(Self(HeldDevice { lease, id: spec.id.clone(), taken, sysfs_path }))
     }
 
+    /// Sets the VF's MAC on the PF while leased: all zeroes makes the PF's switch stop
+    /// steering the guest's frames to the VF (a failover VF out of the guest). The
+    /// release puts the original MAC back, as for any setting that differs from it.
+    pub fn set_mac(&self, mac: [u8; 6]) -> Result<(), SriovError> {
+        let record = self.0.lease.journal.as_ref().map(|j| &j.record);
+        let (Some(vf), Some(_original)) = (record.and_then(|r| r.vf.as_ref()), record.and_then(|r| r.original)) else {
+            return Err(SriovError::NoVfSettings { dev: self.0.id.clone() });
+        };
+        let host = &self.0.lease.host;
+        host.netlink.set_mac(vf.pf_ifindex, vf.index, mac).map_err(|source| SriovError::Netlink {
+            dev: self.0.id.clone(),
+            pf: vf.pf.clone(),
+            source,
+        })
+    }
+
+    /// The PF's interface name and this VF's index on it.
+    pub fn pf(&self) -> Option<(&str, u32)> {
+        let vf = self.0.lease.journal.as_ref()?.record.vf.as_ref()?;
+        Some((vf.pf.as_str(), vf.index))
+    }
+
     /// Puts the VF back: settings, driver, and the PF's VF count if Tandem created them and no
     /// other lease uses them. Returns what could not be restored exactly but needs no retry.
     pub fn release(self) -> Result<Vec<String>, SriovError> {

@@ -15,7 +15,9 @@
 //!
 //! Every change is journaled under [`Host::runtime_dir`] before it is made (see [`state`]).
 
+pub mod bridge;
 mod lease;
+pub mod linkwatch;
 pub mod netlink;
 mod restore;
 pub mod spec;
@@ -125,6 +127,11 @@ pub enum SriovError {
         failures.join("; ")
     )]
     Restore { dev: String, journal: PathBuf, failures: Vec<String> },
+    #[error(
+        "{dev}: its PF did not report the VF's settings when it was leased, so Tandem cannot change its MAC and \
+         put it back; use a PF whose driver reports VF settings (`ip link show PF` lists `vf N`)"
+    )]
+    NoVfSettings { dev: String },
     #[error("{error}; putting things back failed as well: {restore}")]
     AndRestore { error: Box<SriovError>, restore: Box<SriovError> },
 }

@@ -25,6 +25,9 @@ pub struct VfSpec {
     pub create: bool,
     /// The id of the `--net ...,standby=on` NIC this VF is the primary of (failover).
     pub failover: Option<String>,
+    /// `auto=on|off`: a failover VF leaves the guest when its PF loses its link and comes
+    /// back with it. None means the default, on for a pair.
+    pub auto: Option<bool>,
 }
 
 /// Any PCI device handed to the guest whole, named by its sysfs directory.
@@ -65,6 +68,7 @@ impl VfSpec {
             trust: None,
             create: false,
             failover: None,
+            auto: None,
         };
         let mut have_index = false;
         for (k, v) in flag.pairs()? {
@@ -103,10 +107,11 @@ impl VfSpec {
                 "trust" => vf.trust = Some(flag.on_off(k, v)?),
                 "create" => vf.create = flag.on_off(k, v)?,
                 "failover" if !v.is_empty() => vf.failover = Some(v.to_string()),
+                "auto" => vf.auto = Some(flag.on_off(k, v)?),
                 "id" if !v.is_empty() => vf.id = v.to_string(),
                 _ => {
                     return Err(bad(format!(
-                        "unknown key {k:?} (pf, index, mac, vlan, spoofchk, trust, create, failover, id)"
+                        "unknown key {k:?} (pf, index, mac, vlan, spoofchk, trust, create, failover, auto, id)"
                     )))
                 }
             }
@@ -117,7 +122,15 @@ impl VfSpec {
         if !have_index {
             return Err(bad("index=N (which VF of the PF) is required".into()));
         }
+        if vf.auto.is_some() && vf.failover.is_none() {
+            return Err(bad("auto= follows the PF's link for a failover pair only: add failover=NET_ID".into()));
+        }
         Ok(vf)
+    }
+
+    /// Whether this failover VF follows its PF's link.
+    pub fn auto_failover(&self) -> bool {
+        self.failover.is_some() && self.auto.unwrap_or(true)
     }
 
     /// Whether any PF-side setting is asked for; without one, netlink is not needed at all.
@@ -181,9 +194,15 @@ mod tests {
                 trust: Some(true),
                 create: true,
                 failover: Some("n0".into()),
+                auto: None,
             }
         );
         assert!(vf.wants_netlink());
+        assert!(vf.auto_failover(), "a pair follows its PF's link by default");
+        assert!(!VfSpec::parse("pf=eth0,index=0,failover=n0,auto=off", 0).unwrap().auto_failover());
+        assert!(!VfSpec::parse("pf=eth0,index=0", 0).unwrap().auto_failover());
+        let e = VfSpec::parse("pf=eth0,index=0,auto=on", 0).unwrap_err().to_string();
+        assert!(e.contains("failover pair only"), "{e}");
         let plain = VfSpec::parse("pf=enp1s0f0,index=0", 2).unwrap();
         assert_eq!((plain.id.as_str(), plain.create, plain.wants_netlink()), ("vf2", false, false));
         assert_eq!(VfSpec::parse("pf=e,index=0,vlan=0", 0).unwrap().vlan, Some(0));

@@ -158,7 +158,14 @@ pub struct Net {
     counters: Arc<NetCounters>,
     /// The driver acked VIRTIO_NET_F_STANDBY (readable from other threads).
     standby_acked: Arc<AtomicBool>,
+    /// Told each time a driver that acked STANDBY brings the device up.
+    standby_listener: Option<StandbyListener>,
 }
+
+/// Called (on the vCPU thread that set DRIVER_OK, with the device locked: hand the news
+/// on and return) when the guest's driver has negotiated VIRTIO_NET_F_STANDBY and
+/// started the device: its failover master exists, so the paired VF may be shown to it.
+pub type StandbyListener = Arc<dyn Fn() + Send + Sync>;
 
 impl fmt::Debug for Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -226,6 +233,7 @@ impl Net {
             link: NetLink::new(),
             counters: Arc::new(NetCounters::default()),
             standby_acked: Arc::new(AtomicBool::new(false)),
+            standby_listener: None,
         }
     }
 
@@ -236,6 +244,11 @@ impl Net {
     /// Offers VIRTIO_NET_F_STANDBY (see [`NetConfig::standby`]).
     pub fn offer_standby(&mut self) {
         self.avail_features |= bit(VIRTIO_NET_F_STANDBY);
+    }
+
+    /// Sets who hears of a driver that negotiated STANDBY (see [`StandbyListener`]).
+    pub fn set_standby_listener(&mut self, listener: StandbyListener) {
+        self.standby_listener = Some(listener);
     }
 
     /// Whether the driver accepted VIRTIO_NET_F_STANDBY: it will pair this NIC with a VF
@@ -333,6 +346,11 @@ impl Net {
         }
 
         self.link.set_interrupt(Some(Arc::clone(&interrupt)));
+        if has(VIRTIO_NET_F_STANDBY) {
+            if let Some(listener) = &self.standby_listener {
+                listener();
+            }
+        }
         Ok(NetWorker::new(self.label.clone(), mem, interrupt, Arc::clone(&self.counters), worker_pairs, ctrl))
     }
 }

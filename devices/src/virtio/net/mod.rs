@@ -35,7 +35,7 @@ mod tests;
 
 pub use backend::{FdBackend, NetBackend};
 pub use counters::{NetCounters, NetStats};
-pub use device::{random_mac, Net, NetLink};
+pub use device::{random_mac, Net, NetLink, StandbyListener};
 pub use tap::{Tap, TapError, TapInfo, TapQueue};
 
 /// Size of each receive and transmit queue offered to the driver.

@@ -189,6 +189,32 @@ fn standby_is_offered_only_when_asked_and_tracks_the_driver() {
 }
 
 #[test]
+fn the_standby_listener_hears_of_a_started_driver_that_acked_standby_only() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let heard = Arc::new(AtomicUsize::new(0));
+    let listener = |r: &mut Rig| {
+        let h = heard.clone();
+        r.net.set_standby_listener(Arc::new(move || {
+            h.fetch_add(1, Ordering::SeqCst);
+        }));
+    };
+    let mut without = rig(1);
+    without.net.offer_standby();
+    listener(&mut without);
+    without.activate(V1, 2).unwrap();
+    assert_eq!(heard.load(Ordering::SeqCst), 0, "a driver without STANDBY must not see the VF");
+    let mut with = rig(1);
+    with.net.offer_standby();
+    listener(&mut with);
+    with.activate(V1 | bit(VIRTIO_NET_F_STANDBY), 2).unwrap();
+    assert_eq!(heard.load(Ordering::SeqCst), 1);
+    let mut not_offered = rig(1);
+    listener(&mut not_offered);
+    not_offered.activate(V1 | bit(VIRTIO_NET_F_STANDBY), 2).unwrap();
+    assert_eq!(heard.load(Ordering::SeqCst), 1, "acking a bit never offered does not count");
+}
+
+#[test]
 fn invalid_configurations_are_refused() {
     let backends = || vec![Box::new(FdBackend::new(datagram_pair().0.into())) as Box<dyn NetBackend>];
     let e = Net::with_backends("t", Some([1, 2, 3, 4, 5, 6]), backends()).unwrap_err();

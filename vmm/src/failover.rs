@@ -1,0 +1,340 @@
+//! Failover pairs: a VF (the guest's fast path) and a virtio-net standby with the same
+//! MAC, which the guest's net_failover drives as one NIC. Tandem keeps the pair's host
+//! side consistent with what is in the guest:
+//!
+//! - the VF is held back until the guest's virtio-net driver negotiates STANDBY (a
+//!   guest without net_failover would see two unrelated NICs with one MAC), then
+//!   hot-plugged;
+//! - when the VF leaves (`device-remove`, or its PF lost its link), the guest's frames
+//!   are steered to the standby first — the bridge entry of the MAC moved to the tap —
+//!   and the VF's MAC is cleared on the PF once the guest has let go of it;
+//! - when it comes back, its MAC is restored before the guest probes it, and the bridge
+//!   entry moves back only once the guest's VF driver turns its interrupts on, i.e. can
+//!   receive: until then the standby keeps carrying the traffic.
+//!
+//! Everything that changes the pair runs on one worker thread (or the API thread), in
+//! [`crate::passthrough::Passthrough`]; vCPU threads only post [`FailoverEvent`]s.
+
+use std::collections::HashMap;
+use std::os::unix::io::AsRawFd;
+use std::path::PathBuf;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::passthrough::Passthrough;
+use crate::sriov::bridge::{bridge_port, Fdb};
+use crate::sriov::linkwatch::LinkWatch;
+
+/// Why a failover VF is out of the guest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// `device-remove`: it comes back only with `device-add`.
+    User,
+    /// Its PF lost its link: it comes back by itself when the link does.
+    Link,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PairState {
+    /// Waiting for the guest to negotiate STANDBY.
+    Held,
+    Plugged,
+    Parked(Cause),
+}
+
+impl std::fmt::Display for PairState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Held => "held back until the guest negotiates STANDBY",
+            Self::Plugged => "plugged",
+            Self::Parked(Cause::User) => "parked by device-remove",
+            Self::Parked(Cause::Link) => "parked while its PF has no link",
+        })
+    }
+}
+
+impl PairState {
+    /// One word for the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Held => "held",
+            Self::Plugged => "plugged",
+            Self::Parked(Cause::User) => "parked",
+            Self::Parked(Cause::Link) => "parked-link-down",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct FailoverPair {
+    /// The VF's device id.
+    pub vf: String,
+    /// The standby NIC's id.
+    pub net: String,
+    /// The standby's tap.
+    pub tap: String,
+    /// The VF's PF interface.
+    pub pf: String,
+    pub mac: [u8; 6],
+    /// Follow the PF's link (`auto=on`, the default for a pair).
+    pub auto: bool,
+    pub state: PairState,
+    /// The guest's driver of the standby has negotiated STANDBY at least once.
+    pub standby_seen: bool,
+}
+
+impl FailoverPair {
+    pub fn new(vf: &str, net: &str, tap: &str, pf: &str, mac: [u8; 6], auto: bool) -> Self {
+        Self {
+            vf: vf.to_string(),
+            net: net.to_string(),
+            tap: tap.to_string(),
+            pf: pf.to_string(),
+            mac,
+            auto,
+            state: PairState::Held,
+            standby_seen: false,
+        }
+    }
+}
+
+/// What the worker is told.
+#[derive(Debug)]
+pub enum FailoverEvent {
+    /// The guest's driver of this NIC negotiated STANDBY and started it.
+    Standby(String),
+    /// The guest's driver of this VF enabled its first interrupt.
+    VfReady(String),
+    Stop,
+}
+
+/// The worker's mailbox: a channel and an eventfd that wakes its poll.
+pub struct FailoverEvents {
+    tx: Mutex<Sender<FailoverEvent>>,
+    wake: EventFd,
+}
+
+impl FailoverEvents {
+    pub fn new() -> std::io::Result<(Arc<Self>, Receiver<FailoverEvent>)> {
+        let (tx, rx) = channel();
+        Ok((Arc::new(Self { tx: Mutex::new(tx), wake: EventFd::new(EFD_NONBLOCK)? }), rx))
+    }
+
+    /// Never blocks: callable from a vCPU thread holding a device lock.
+    pub fn send(&self, event: FailoverEvent) {
+        let _ = self.tx.lock().unwrap_or_else(|e| e.into_inner()).send(event);
+        let _ = self.wake.write(1);
+    }
+}
+
+/// Moves a pair's MAC between the bridge ports of its two paths.
+pub struct Switch {
+    fdb: Arc<dyn Fdb>,
+    sysfs_root: PathBuf,
+}
+
+impl Switch {
+    pub fn new(fdb: Arc<dyn Fdb>, sysfs_root: impl Into<PathBuf>) -> Self {
+        Self { fdb, sysfs_root: sysfs_root.into() }
+    }
+
+    /// The bridge sends the pair's frames to the standby's tap, if the tap is a port of
+    /// one (otherwise whatever connects the tap is the user's to steer).
+    pub fn to_standby(&self, pair: &FailoverPair) {
+        let Some(tap) = bridge_port(&self.sysfs_root, &pair.tap) else { return };
+        match self.fdb.point(&tap, pair.mac) {
+            Ok(()) => eprintln!("tandem: {}: bridge {} now sends its MAC to {}", pair.vf, tap.bridge, tap.ifname),
+            Err(e) => {
+                eprintln!("tandem: warning: {}: cannot point bridge {} at {}: {e}", pair.vf, tap.bridge, tap.ifname)
+            }
+        }
+    }
+
+    /// The bridge sends them to the VF's path again: to the PF when it is a port of the
+    /// same bridge, else back to learning.
+    pub fn to_primary(&self, pair: &FailoverPair) {
+        let Some(tap) = bridge_port(&self.sysfs_root, &pair.tap) else { return };
+        let pf = bridge_port(&self.sysfs_root, &pair.pf).filter(|p| p.bridge_ifindex == tap.bridge_ifindex);
+        let r = match &pf {
+            Some(pf) => self.fdb.point(pf, pair.mac),
+            None => self.fdb.forget(&tap, pair.mac),
+        };
+        match r {
+            Ok(()) => eprintln!(
+                "tandem: {}: the guest's VF driver is up; bridge {} sends its MAC to {}",
+                pair.vf,
+                tap.bridge,
+                pf.as_ref().map_or("the port it learns", |p| p.ifname.as_str())
+            ),
+            Err(e) => eprintln!("tandem: warning: {}: cannot point bridge {} back at the VF: {e}", pair.vf, tap.bridge),
+        }
+    }
+}
+
+/// The thread that acts on [`FailoverEvent`]s and on the PFs' link changes.
+pub struct FailoverWorker {
+    events: Arc<FailoverEvents>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl FailoverWorker {
+    /// `pfs` are the PFs whose links the auto pairs follow, by ifindex.
+    pub fn spawn(
+        passthrough: Arc<Mutex<Passthrough>>,
+        events: Arc<FailoverEvents>,
+        rx: Receiver<FailoverEvent>,
+        pfs: HashMap<u32, String>,
+    ) -> std::io::Result<Self> {
+        // Opened here so that a host without rtnetlink fails the start, not later.
+        let watch = if pfs.is_empty() {
+            None
+        } else {
+            Some(LinkWatch::open().map_err(|e| std::io::Error::other(format!("watching the PFs' links: {e}")))?)
+        };
+        let wake = events.clone();
+        let thread = std::thread::Builder::new()
+            .name("failover".into())
+            .spawn(move || run(passthrough, wake, rx, watch, pfs))?;
+        Ok(Self { events, thread: Some(thread) })
+    }
+}
+
+impl Drop for FailoverWorker {
+    fn drop(&mut self) {
+        self.events.send(FailoverEvent::Stop);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run(
+    passthrough: Arc<Mutex<Passthrough>>,
+    events: Arc<FailoverEvents>,
+    rx: Receiver<FailoverEvent>,
+    mut watch: Option<LinkWatch>,
+    pfs: HashMap<u32, String>,
+) {
+    // The links as last seen: act on changes only (a PF sends many RTM_NEWLINKs). A PF
+    // whose state cannot be read counts as up: its first event corrects it.
+    let mut up: HashMap<u32, bool> =
+        pfs.keys().map(|&i| (i, crate::sriov::linkwatch::link_state(i).map_or(true, |e| e.up))).collect();
+    let lock = || passthrough.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let mut fds = vec![libc::pollfd { fd: events.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+        if let Some(w) = &watch {
+            fds.push(libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLIN, revents: 0 });
+        }
+        // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            eprintln!("tandem: warning: the failover worker stops: poll: {e}");
+            return;
+        }
+        let _ = events.wake.read();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                FailoverEvent::Stop => return,
+                FailoverEvent::Standby(net) => lock().standby_negotiated(&net),
+                FailoverEvent::VfReady(vf) => lock().vf_ready(&vf),
+            }
+        }
+        let Some(w) = watch.as_mut() else { continue };
+        match w.read_events() {
+            Ok(changes) => {
+                for change in changes {
+                    let Some(pf) = pfs.get(&change.ifindex) else { continue };
+                    let now = change.up && !change.removed;
+                    if up.insert(change.ifindex, now) != Some(now) {
+                        lock().pf_link(pf, now);
+                    }
+                }
+            }
+            Err(e) => {
+                eprintln!("tandem: warning: no longer following the PFs' links: {e}");
+                watch = None;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sriov::bridge::tests::TempTree;
+    use crate::sriov::bridge::{BridgePort, FdbError};
+
+    /// Records what the switch asked of the bridge.
+    #[derive(Default)]
+    struct FakeFdb(Mutex<Vec<String>>);
+
+    impl Fdb for FakeFdb {
+        fn point(&self, port: &BridgePort, _mac: [u8; 6]) -> Result<(), FdbError> {
+            self.0.lock().unwrap().push(format!("point {}", port.ifname));
+            Ok(())
+        }
+        fn forget(&self, port: &BridgePort, _mac: [u8; 6]) -> Result<(), FdbError> {
+            self.0.lock().unwrap().push(format!("forget {}", port.ifname));
+            Ok(())
+        }
+    }
+
+    fn pair() -> FailoverPair {
+        FailoverPair::new("vf0", "sb0", "tfo", "eth0", [2, 0, 0, 0, 0, 1], true)
+    }
+
+    #[test]
+    fn the_mac_moves_to_the_tap_and_back_to_the_pf_of_the_same_bridge() {
+        let t = TempTree::new("switch-same");
+        t.add("br0", 4, None, false);
+        t.add("tfo", 7, Some("br0"), true);
+        t.add("eth0", 2, Some("br0"), true);
+        let fdb = Arc::new(FakeFdb::default());
+        let switch = Switch::new(fdb.clone(), &t.0);
+        switch.to_standby(&pair());
+        switch.to_primary(&pair());
+        assert_eq!(*fdb.0.lock().unwrap(), ["point tfo", "point eth0"]);
+    }
+
+    #[test]
+    fn with_the_pf_elsewhere_the_bridge_learns_the_vf_path_again() {
+        let t = TempTree::new("switch-other");
+        t.add("br0", 4, None, false);
+        t.add("br1", 5, None, false);
+        t.add("tfo", 7, Some("br0"), true);
+        t.add("eth0", 2, Some("br1"), true);
+        let fdb = Arc::new(FakeFdb::default());
+        let switch = Switch::new(fdb.clone(), &t.0);
+        switch.to_standby(&pair());
+        switch.to_primary(&pair());
+        assert_eq!(*fdb.0.lock().unwrap(), ["point tfo", "forget tfo"]);
+    }
+
+    #[test]
+    fn a_tap_on_no_bridge_is_left_alone() {
+        let t = TempTree::new("switch-none");
+        t.add("tfo", 7, None, false);
+        let fdb = Arc::new(FakeFdb::default());
+        let switch = Switch::new(fdb.clone(), &t.0);
+        switch.to_standby(&pair());
+        switch.to_primary(&pair());
+        assert!(fdb.0.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn events_wake_the_worker_and_arrive_in_order() {
+        let (events, rx) = FailoverEvents::new().unwrap();
+        events.send(FailoverEvent::Standby("sb0".into()));
+        events.send(FailoverEvent::VfReady("vf0".into()));
+        assert!(events.wake.read().unwrap() >= 1, "the eventfd was signalled");
+        assert!(matches!(rx.try_recv(), Ok(FailoverEvent::Standby(n)) if n == "sb0"));
+        assert!(matches!(rx.try_recv(), Ok(FailoverEvent::VfReady(n)) if n == "vf0"));
+    }
+}
