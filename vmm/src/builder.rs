@@ -162,7 +162,9 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     let pairs = failover_pairs(config, &leases)?;
     for (id, sysfs) in leases.passthrough() {
         // A failover VF waits for the guest to negotiate STANDBY (see `failover`).
-        if !pairs.iter().any(|p| p.vf == id) {
+        if pairs.iter().any(|p| p.vf == id) {
+            devices.prepare_passthrough(id, sysfs)?;
+        } else {
             report_passthrough(&devices.add_passthrough(id, sysfs, None)?);
         }
     }

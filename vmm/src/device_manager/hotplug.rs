@@ -138,21 +138,18 @@ impl DeviceManager {
     }
 
     /// Unmaps, detaches and drops device `index` of `pci_devices`.
-    fn take_off_bus(&mut self, index: usize) -> Result<DeviceStats, DeviceError> {
+    pub(super) fn take_off_bus(&mut self, index: usize) -> Result<DeviceStats, DeviceError> {
         let pci = self.pci.as_mut().ok_or(DeviceError::NoPci)?;
         let device = pci.segment.remove(self.pci_devices[index].slot)?;
         let entry = self.pci_devices.remove(index);
         drop(device);
-        // The last reference closes a passthrough device (and with the VM's last one
-        // the container goes, unmapping guest RAM). Anything still holding it would
+        // The last reference closes a passthrough device. Anything still holding it would
         // keep it open: then it is not counted as closed.
         let closed = Arc::strong_count(&entry.device) == 1;
         drop(entry.device);
         if let (DeviceStats::Passthrough { .. }, Some(vfio)) = (&entry.stats, pci.vfio.as_mut()) {
             if closed {
-                if vfio.device_closed() {
-                    pci.vfio = None;
-                }
+                vfio.device_closed();
             } else {
                 eprintln!("tandem: warning: {}: still referenced after leaving the bus; it stays open", entry.id);
             }

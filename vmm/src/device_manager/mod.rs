@@ -81,7 +81,7 @@ struct PciState {
     routing: Arc<GsiRouting>,
     event_loop: Arc<DeviceEventLoop>,
     memory: GuestMemory,
-    /// Created with the first passthrough device, dropped when the last one leaves.
+    /// Created with the first passthrough device; lives as long as the VM.
     vfio: Option<vfio::VfioHost>,
     /// The VM's KVM VFIO device: KVM allows one per VM, for its whole life, so every
     /// container the VM makes registers its groups through this one.

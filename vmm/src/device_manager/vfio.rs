@@ -60,8 +60,7 @@ pub(super) struct VfioHost {
     memory: GuestMemory,
     /// Guest RAM regions mapped for DMA, as (IOVA, size).
     mapped: Vec<(u64, u64)>,
-    /// Devices open in the container. When the last one closes, the container goes and
-    /// guest RAM is unmapped (unpinned): a VM without passthrough devices pins nothing.
+    /// Devices open in the container now.
     devices: usize,
     stats: DmaMapStats,
     interrupts: InterruptRemapping,
@@ -103,12 +102,14 @@ impl VfioHost {
     }
 
     /// A device opened here was closed (dropped, so reset by VFIO: no DMA in flight).
-    /// Returns whether none is left: then the container should go, with its groups
-    /// (vfio-ioctls keeps a group open while its container lives, and a group opened
-    /// before its device was rebound to vfio-pci no longer finds it).
-    pub(super) fn device_closed(&mut self) -> bool {
+    ///
+    /// The container, its groups and the DMA mappings of guest RAM stay for the VM's
+    /// life: registering a group makes KVM rebuild the guest's memory map (non-coherent
+    /// DMA changes memory types), and unmapping and pinning again costs seconds per plug;
+    /// nested KVM under emulation did not survive either reliably while the guest ran
+    /// (guests hung after such hot-plugs in the bed).
+    pub(super) fn device_closed(&mut self) {
         self.devices = self.devices.saturating_sub(1);
-        self.devices == 0
     }
 
     /// Unmaps what `map_guest_ram` mapped; a region the IOMMU would not unmap stays
@@ -326,8 +327,8 @@ impl DeviceManager {
             Ok(placed) => placed,
             Err(e) => {
                 // The device was dropped (closed) on the way out.
-                if pci.vfio.as_mut().is_some_and(VfioHost::device_closed) {
-                    pci.vfio = None;
+                if let Some(vfio) = pci.vfio.as_mut() {
+                    vfio.device_closed();
                 }
                 return Err(e);
             }
@@ -335,6 +336,17 @@ impl DeviceManager {
         let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
         self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
         Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
+    }
+
+    /// Opens the host device at `sysfs` once and closes it again, before the guest runs,
+    /// for a device that is hot-plugged later (a failover VF): its IOMMU group joins the
+    /// container and KVM, and guest RAM is mapped, now (see [`VfioHost::device_closed`]).
+    pub fn prepare_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<(), DeviceError> {
+        let report = self.add_passthrough(id, sysfs, None)?;
+        if let Some(index) = self.pci_devices.iter().position(|e| e.id == id && e.slot == report.slot) {
+            self.take_off_bus(index)?;
+        }
+        Ok(())
     }
 
     /// Wraps an open VFIO device as a PCI device with its interrupts and puts it on the
