@@ -143,17 +143,7 @@ impl DeviceManager {
         let device = pci.segment.remove(self.pci_devices[index].slot)?;
         let entry = self.pci_devices.remove(index);
         drop(device);
-        // The last reference closes a passthrough device. Anything still holding it would
-        // keep it open: then it is not counted as closed.
-        let closed = Arc::strong_count(&entry.device) == 1;
         drop(entry.device);
-        if let (DeviceStats::Passthrough { .. }, Some(vfio)) = (&entry.stats, pci.vfio.as_mut()) {
-            if closed {
-                vfio.device_closed();
-            } else {
-                eprintln!("tandem: warning: {}: still referenced after leaving the bus; it stays open", entry.id);
-            }
-        }
         Ok(entry.stats)
     }
 }

@@ -83,9 +83,6 @@ struct PciState {
     memory: GuestMemory,
     /// Created with the first passthrough device; lives as long as the VM.
     vfio: Option<vfio::VfioHost>,
-    /// The VM's KVM VFIO device: KVM allows one per VM, for its whole life, so every
-    /// container the VM makes registers its groups through this one.
-    kvm_vfio: Option<Arc<vfio_ioctls::VfioDeviceFd>>,
 }
 
 /// A device on the PCI bus, by the id the user gave it.
@@ -170,7 +167,6 @@ impl DeviceManager {
             event_loop: Arc::new(DeviceEventLoop::start()?),
             memory: vm.memory().clone(),
             vfio: None,
-            kvm_vfio: None,
         });
         Ok(())
     }

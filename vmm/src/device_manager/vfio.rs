@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
+use kvm_ioctls::VmFd;
 use pci::vfio::{vector_count, HostVfioDevice};
 use pci::VfioPciDevice;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
@@ -60,24 +61,25 @@ pub(super) struct VfioHost {
     memory: GuestMemory,
     /// Guest RAM regions mapped for DMA, as (IOVA, size).
     mapped: Vec<(u64, u64)>,
-    /// Devices open in the container now.
-    devices: usize,
     stats: DmaMapStats,
     interrupts: InterruptRemapping,
 }
 
 impl VfioHost {
-    fn new(
-        kvm_vfio: Arc<VfioDeviceFd>,
-        memory: GuestMemory,
-        interrupts: InterruptRemapping,
-    ) -> Result<Self, VfioHostError> {
-        let container = VfioContainer::new(Some(kvm_vfio)).map_err(VfioHostError::Container)?;
+    /// The container, its groups and the DMA mappings of guest RAM stay for the VM's life:
+    /// registering a group makes KVM rebuild the guest's memory map (non-coherent DMA
+    /// changes memory types), and unmapping and pinning again costs seconds per plug;
+    /// nested KVM under emulation did not survive either reliably while the guest ran
+    /// (guests hung after such hot-plugs in the bed).
+    fn new(vm: &VmFd, memory: GuestMemory, interrupts: InterruptRemapping) -> Result<Self, VfioHostError> {
+        let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
+        let kvm_device = vm.create_device(&mut create).map_err(VfioHostError::KvmDevice)?;
+        let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_device))))
+            .map_err(VfioHostError::Container)?;
         Ok(Self {
             container: Arc::new(container),
             memory,
             mapped: Vec::new(),
-            devices: 0,
             stats: DmaMapStats::default(),
             interrupts,
         })
@@ -97,19 +99,7 @@ impl VfioHost {
                 return Err(e);
             }
         }
-        self.devices += 1;
         Ok(Arc::new(device))
-    }
-
-    /// A device opened here was closed (dropped, so reset by VFIO: no DMA in flight).
-    ///
-    /// The container, its groups and the DMA mappings of guest RAM stay for the VM's
-    /// life: registering a group makes KVM rebuild the guest's memory map (non-coherent
-    /// DMA changes memory types), and unmapping and pinning again costs seconds per plug;
-    /// nested KVM under emulation did not survive either reliably while the guest ran
-    /// (guests hung after such hot-plugs in the bed).
-    pub(super) fn device_closed(&mut self) {
-        self.devices = self.devices.saturating_sub(1);
     }
 
     /// Unmaps what `map_guest_ram` mapped; a region the IOMMU would not unmap stays
@@ -308,31 +298,14 @@ impl DeviceManager {
             let interrupts = host.check_interrupt_remapping().map_err(|e| fail(e.into()))?;
             let ram: u64 = pci.memory.iter().map(|r| r.len()).sum();
             host.check_memlock(ram, memlock_limit()).map_err(|e| fail(e.into()))?;
-            let kvm_vfio = match &pci.kvm_vfio {
-                Some(d) => d.clone(),
-                None => {
-                    let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
-                    let device = pci.vm.create_device(&mut create).map_err(|e| fail(VfioHostError::KvmDevice(e)))?;
-                    pci.kvm_vfio.insert(Arc::new(VfioDeviceFd::new_from_kvm(device))).clone()
-                }
-            };
-            pci.vfio = Some(VfioHost::new(kvm_vfio, pci.memory.clone(), interrupts).map_err(fail)?);
+            pci.vfio = Some(VfioHost::new(&pci.vm, pci.memory.clone(), interrupts).map_err(fail)?);
         }
         let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
         let maps_ram = vfio.dma_mappings() == 0;
         let device = vfio.open(sysfs).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
-        let placed = Self::place_passthrough(pci, id, &bdf, device, ready);
-        let (slot, shared) = match placed {
-            Ok(placed) => placed,
-            Err(e) => {
-                // The device was dropped (closed) on the way out.
-                if let Some(vfio) = pci.vfio.as_mut() {
-                    vfio.device_closed();
-                }
-                return Err(e);
-            }
-        };
+        // On failure the device is dropped (closed) on the way out.
+        let (slot, shared) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
         let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
         self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
         Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
@@ -340,7 +313,7 @@ impl DeviceManager {
 
     /// Opens the host device at `sysfs` once and closes it again, before the guest runs,
     /// for a device that is hot-plugged later (a failover VF): its IOMMU group joins the
-    /// container and KVM, and guest RAM is mapped, now (see [`VfioHost::device_closed`]).
+    /// container and KVM, and guest RAM is mapped, now (see [`VfioHost::new`]).
     pub fn prepare_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<(), DeviceError> {
         let report = self.add_passthrough(id, sysfs, None)?;
         if let Some(index) = self.pci_devices.iter().position(|e| e.id == id && e.slot == report.slot) {
