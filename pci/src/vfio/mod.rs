@@ -85,7 +85,6 @@ pub fn vector_count(ops: &dyn VfioDeviceOps) -> u16 {
 }
 
 pub struct VfioPciDevice {
-    ops: Box<dyn VfioDeviceOps>,
     config: VfioConfig,
     irqs: Interrupts,
     bars: Bars,
@@ -95,6 +94,10 @@ pub struct VfioPciDevice {
     failures: u64,
     last_error: Option<VfioError>,
     detached: bool,
+    /// Last, so dropped last: the BARs' mmaps and the interrupts' eventfds hold the device
+    /// file open, and only once they are gone does closing it release the device, which
+    /// lets its group leave the container and the host driver take it back.
+    ops: Box<dyn VfioDeviceOps>,
 }
 
 impl VfioPciDevice {
@@ -111,7 +114,7 @@ impl VfioPciDevice {
         // vfio-pci enables decoding when it opens the device; the guest has not yet.
         config.push_command(ops.as_ref()).map_err(VfioError::Command)?;
         let intx_pin = config.intx_pin().filter(|_| ops.irq_info(INTX_IRQ).is_some_and(|i| i.count != 0));
-        Ok(Self { ops, config, irqs, bars, reset, intx_pin, failures: 0, last_error: None, detached: false })
+        Ok(Self { config, irqs, bars, reset, intx_pin, failures: 0, last_error: None, detached: false, ops })
     }
 
     /// The interrupt pin (1 to 4: INTA# to INTD#) the device raises INTx on, if it has

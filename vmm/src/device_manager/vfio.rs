@@ -7,7 +7,7 @@
 //! surfacing as a bare errno from deep inside the container setup.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
@@ -63,14 +63,18 @@ pub(super) struct VfioHost {
     mapped: Vec<(u64, u64)>,
     stats: DmaMapStats,
     interrupts: InterruptRemapping,
+    /// Every device opened, to tell when the last has closed: a closed device's group
+    /// leaves the container, and with the last group the kernel drops the IOMMU and
+    /// every DMA mapping in it.
+    opened: Vec<Weak<VfioDevice>>,
+    /// Devices held open while off the bus (failover VFs between plugs), by sysfs path:
+    /// their groups stay in the container and in KVM, and guest RAM stays mapped, so a
+    /// re-plug neither re-pins guest RAM nor changes KVM's view of the VM's DMA.
+    held: Vec<(PathBuf, Arc<VfioDevice>)>,
 }
 
 impl VfioHost {
-    /// The container, its groups and the DMA mappings of guest RAM stay for the VM's life:
-    /// registering a group makes KVM rebuild the guest's memory map (non-coherent DMA
-    /// changes memory types), and unmapping and pinning again costs seconds per plug;
-    /// nested KVM under emulation did not survive either reliably while the guest ran
-    /// (guests hung after such hot-plugs in the bed).
+    /// The KVM VFIO device and the container live as long as the VM.
     fn new(vm: &VmFd, memory: GuestMemory, interrupts: InterruptRemapping) -> Result<Self, VfioHostError> {
         let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
         let kvm_device = vm.create_device(&mut create).map_err(VfioHostError::KvmDevice)?;
@@ -82,16 +86,25 @@ impl VfioHost {
             mapped: Vec::new(),
             stats: DmaMapStats::default(),
             interrupts,
+            opened: Vec::new(),
+            held: Vec::new(),
         })
     }
 
-    /// Opens the device's group into the container (the first group also selects the
-    /// type-1 IOMMU) and then, once per VM, maps guest RAM for DMA.
-    fn open(&mut self, sysfs: &Path) -> Result<Arc<VfioDevice>, VfioHostError> {
+    /// Opens the device (its group joins the container; the first group also selects
+    /// the type-1 IOMMU) and maps guest RAM for DMA if no open device has it mapped.
+    /// `hold` keeps the device open after it leaves the bus, for the VM's life.
+    fn open(&mut self, sysfs: &Path, hold: bool) -> Result<Arc<VfioDevice>, VfioHostError> {
+        if let Some((_, device)) = self.held.iter().find(|(p, _)| p == sysfs) {
+            return Ok(device.clone());
+        }
+        self.forget_closed();
         let bdf = bdf_of(sysfs);
         let ops: Arc<dyn VfioOps> = self.container.clone();
         let device = VfioDevice::new(sysfs, ops, false)
             .map_err(|e| VfioHostError::Device { reason: explain_open_error(&e, sysfs), bdf: bdf.clone() })?;
+        let device = Arc::new(device);
+        self.opened.push(Arc::downgrade(&device));
         if self.mapped.is_empty() {
             self.stats = DmaMapStats::default();
             if let Err(e) = self.map_guest_ram() {
@@ -99,7 +112,19 @@ impl VfioHost {
                 return Err(e);
             }
         }
-        Ok(Arc::new(device))
+        if hold {
+            self.held.push((sysfs.to_path_buf(), device.clone()));
+        }
+        Ok(device)
+    }
+
+    /// Drops the closed devices; with none open the container has no IOMMU any more,
+    /// and so no mappings.
+    fn forget_closed(&mut self) {
+        self.opened.retain(|d| d.strong_count() > 0);
+        if self.opened.is_empty() {
+            self.mapped.clear();
+        }
     }
 
     /// Unmaps what `map_guest_ram` mapped; a region the IOMMU would not unmap stays
@@ -119,7 +144,11 @@ impl VfioHost {
 
     /// Guest RAM regions mapped for DMA now.
     pub(super) fn dma_mappings(&self) -> usize {
-        self.mapped.len()
+        if self.opened.iter().any(|d| d.strong_count() > 0) {
+            self.mapped.len()
+        } else {
+            0
+        }
     }
 
     /// One MAP_DMA per RAM region (at most two: below the PCI hole and above 4 GiB);
@@ -155,6 +184,7 @@ impl VfioHost {
 impl Drop for VfioHost {
     fn drop(&mut self) {
         // Best effort: closing the container releases the mappings anyway.
+        self.forget_closed();
         self.unmap_guest_ram();
     }
 }
@@ -235,6 +265,15 @@ pub struct PassthroughReport {
     pub attach: Duration,
 }
 
+/// How long the VMM keeps a passthrough device's VFIO device open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceHold {
+    /// Closed when it leaves the bus, so the host can have it back.
+    WhileOnBus,
+    /// Open until the VM ends, on the bus or not (a failover VF parked between plugs).
+    ForTheVm,
+}
+
 /// Tells the VMM once when the guest's driver first turns one of the device's
 /// interrupts on: for a NIC, the moment it is ready to receive.
 pub type DriverReady = Arc<dyn Fn() + Send + Sync>;
@@ -286,6 +325,7 @@ impl DeviceManager {
         &mut self,
         id: &str,
         sysfs: &Path,
+        hold: DeviceHold,
         ready: Option<DriverReady>,
     ) -> Result<PassthroughReport, DeviceError> {
         let start = Instant::now();
@@ -302,7 +342,7 @@ impl DeviceManager {
         }
         let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
         let maps_ram = vfio.dma_mappings() == 0;
-        let device = vfio.open(sysfs).map_err(fail)?;
+        let device = vfio.open(sysfs, hold == DeviceHold::ForTheVm).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
         // On failure the device is dropped (closed) on the way out.
         let (slot, shared) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
@@ -311,11 +351,11 @@ impl DeviceManager {
         Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
     }
 
-    /// Opens the host device at `sysfs` once and closes it again, before the guest runs,
-    /// for a device that is hot-plugged later (a failover VF): its IOMMU group joins the
-    /// container and KVM, and guest RAM is mapped, now (see [`VfioHost::new`]).
+    /// Opens the host device at `sysfs` for the VM's life, before the guest runs, for a
+    /// device that is hot-plugged later (a failover VF): its IOMMU group joins the
+    /// container and KVM, and guest RAM is mapped, now; a plug then only resets it.
     pub fn prepare_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<(), DeviceError> {
-        let report = self.add_passthrough(id, sysfs, None)?;
+        let report = self.add_passthrough(id, sysfs, DeviceHold::ForTheVm, None)?;
         if let Some(index) = self.pci_devices.iter().position(|e| e.id == id && e.slot == report.slot) {
             self.take_off_bus(index)?;
         }

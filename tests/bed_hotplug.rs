@@ -1,0 +1,102 @@
+//! Hot-plug of a plain VFIO device, no failover (issue 5), in the nested bed: QEMU's edu
+//! device goes into a running guest with `tandem ctl device-add device=...` and out with
+//! `device-remove`, 20 times. Every time the guest's acpiphp finds it and its BAR answers
+//! (a register round trip), the guest gives it back, and the host gets it back on its own
+//! driver; after every unplug Tandem holds what it held before the first plug: no GSI,
+//! memory slot, DMA mapping or fd leaks from one cycle to the next.
+
+use std::sync::OnceLock;
+
+use tandem_tests::{kv, repo_root, run_bed, BedLog, BedOptions};
+
+const CYCLES: u64 = 20;
+
+fn bed() -> &'static BedLog {
+    static BED: OnceLock<BedLog> = OnceLock::new();
+    BED.get_or_init(|| {
+        let opts = BedOptions { iommu: true, igb: true, timeout_s: 600, ..Default::default() };
+        run_bed("hotplug", &repo_root().join("tests/scenarios/hotplug.sh"), &opts)
+    })
+}
+
+fn l1_lines<'a>(bed: &'a BedLog, marker: &str) -> Vec<&'a str> {
+    bed.text.lines().filter(|l| l.starts_with(marker)).collect()
+}
+
+fn num(line: &str, key: &str) -> u64 {
+    let v = kv(line, key).unwrap_or_else(|| panic!("no {key}= in {line}"));
+    let parsed = match v.strip_prefix("0x").or_else(|| v.strip_prefix("0X")) {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => v.parse().ok(),
+    };
+    parsed.unwrap_or_else(|| panic!("{key}={v} is not a number in {line}"))
+}
+
+#[test]
+fn the_guest_sees_the_device_arrive_and_leave_every_cycle() {
+    let bed = bed();
+    let end = l1_lines(bed, "L1-HP-END");
+    assert_eq!(end.first().map(|l| num(l, "cycles")), Some(CYCLES), "{}", bed.tail(60));
+    let run = bed.run("hp");
+    let up: Vec<&str> = run.lines.iter().copied().filter(|l| l.starts_with("L2-EDU-UP")).collect();
+    assert_eq!(up.len() as u64, CYCLES, "{}", run.console());
+    for line in up {
+        let n = num(line, "n");
+        assert_eq!(num(line, "ident") >> 16, 0x100, "not the edu device's ident register: {line}");
+        // edu's liveness register reads back the bitwise NOT of what was written.
+        assert_eq!(num(line, "liveness"), u64::from(!(0x1000u32 + n as u32)), "BAR round trip failed: {line}");
+    }
+    // L1 waits for the guest's L2-EDU-GONE of each cycle before the next: 20 cycles
+    // ended means the guest let go 20 times.
+    for line in l1_lines(bed, "L1-HP-OUT") {
+        assert!(kv(line, "said").is_some_and(|s| s.starts_with("removed")), "{line}");
+    }
+    assert_eq!(run.rc, Some(0), "{}", run.console());
+}
+
+#[test]
+fn the_host_gets_the_device_back_on_its_driver_after_every_unplug() {
+    let bed = bed();
+    let before = l1_lines(bed, "L1-EDU ");
+    let host_driver = before.first().and_then(|l| kv(l, "driver")).unwrap_or("");
+    for line in l1_lines(bed, "L1-HP-IN") {
+        assert_eq!(kv(line, "driver"), Some("vfio-pci"), "{line}");
+    }
+    let out = l1_lines(bed, "L1-HP-OUT");
+    assert_eq!(out.len() as u64, CYCLES, "{}", bed.tail(60));
+    for line in &out {
+        assert_eq!(kv(line, "driver").unwrap_or(""), host_driver, "not back on its host driver: {line}");
+    }
+    let after = l1_lines(bed, "L1-AFTER-HP");
+    assert_eq!(after.first().and_then(|l| kv(l, "driver")).unwrap_or(""), host_driver, "{after:?}");
+}
+
+#[test]
+fn twenty_cycles_leak_no_gsis_memory_slots_dma_mappings_or_fds() {
+    let bed = bed();
+    let start = l1_lines(bed, "L1-HP-START");
+    let start = start.first().unwrap_or_else(|| panic!("no L1-HP-START:\n{}", bed.tail(60)));
+    let out = l1_lines(bed, "L1-HP-OUT");
+    assert_eq!(out.len() as u64, CYCLES, "{}", bed.tail(60));
+    let first = out[0];
+    for line in &out {
+        // Back to what the VM had before the first plug: no slot, no mapping, its GSIs.
+        assert_eq!(num(line, "bar_memory_slots"), 0, "{line}");
+        assert_eq!(num(line, "dma_mappings"), 0, "{line}");
+        assert_eq!(num(line, "msi_gsis"), num(start, "msi_gsis"), "{line} vs {start}");
+        assert_eq!(num(line, "pci_devices"), num(start, "pci_devices"), "{line} vs {start}");
+        // The first plug opens the VM's VFIO container and KVM VFIO device, for its life:
+        // from then on the count stays.
+        assert_eq!(num(line, "fds"), num(first, "fds"), "fds grew: {line} vs {first}");
+        assert_eq!(num(line, "open_fds"), num(first, "open_fds"), "{line} vs {first}");
+    }
+    assert!(num(first, "fds") <= num(start, "fds") + 2, "{first} vs {start}");
+    // While in, the device had what a plug gives it, each time the same.
+    let inside = l1_lines(bed, "L1-HP-IN");
+    for line in &inside {
+        assert_eq!(num(line, "dma_mappings"), 1, "{line}");
+        assert!(num(line, "bar_memory_slots") >= 1, "{line}");
+        assert_eq!(num(line, "fds"), num(inside[0], "fds"), "{line} vs {}", inside[0]);
+        assert_eq!(num(line, "msi_gsis"), num(inside[0], "msi_gsis"), "{line} vs {}", inside[0]);
+    }
+}
