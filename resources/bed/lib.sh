@@ -47,6 +47,8 @@
 #   run_signal NAME [SIG]           sends SIG (default TERM) to the run's command
 #   run_end NAME                    waits for it, prints RUN-BEGIN, its output, RUN-END;
 #                                   returns its status
+#   vm_stuck_report NAME [SOCKET]   "L1-STUCK ..." lines on a run whose guest stopped: its
+#                                   threads' states, exit counters, KVM's exits (see below)
 # Driving a guest whose script runs l2_serve (over the tap; traffic stays in L1):
 #   l2_exec HOST CMD                runs the sh command line CMD in the guest at HOST (port
 #                                   $L2_AGENT_PORT, default 7000; $L2_EXEC_TIMEOUT s at most,
@@ -191,6 +193,33 @@ run_end() {
   cat "/tmp/run-$_n.log"
   echo "RUN-END $_n rc=$_rc"
   return "$_rc"
+}
+
+# vm_stuck_report NAME [SOCKET] : when a run's guest stopped answering, what its VMM's
+# threads are doing (a vCPU in R is running guest code), its exit counters twice 2 s apart
+# (no change: the guest makes no exits to the VMM), and a 1 s sample of KVM's exits with
+# the guest's RIP (L1's tracefs): lines "L1-STUCK ...".
+vm_stuck_report() {
+  _p=$(cat "/tmp/run-$1.pid")
+  for _t in /proc/$_p/task/*; do
+    echo "L1-STUCK task=$(cat $_t/comm) state=$(awk '{print $3}' $_t/stat) wchan=$(cat $_t/wchan) utime=$(awk '{print $14}' $_t/stat)"
+  done
+  if [ -n "${2:-}" ]; then
+    for _k in 1 2; do
+      echo "L1-STUCK exits=$(timeout 5 $TANDEM ctl --api-socket "$2" counters 2>&1 | tr -d '\n ' | sed 's/.*"vm_exits"://')"
+      [ $_k = 1 ] && sleep 2
+    done
+  fi
+  _tr=/sys/kernel/debug/tracing
+  [ -d $_tr/events ] || mount -t debugfs none /sys/kernel/debug 2>/dev/null
+  if [ -e $_tr/events/kvm/kvm_exit/enable ]; then
+    echo > $_tr/trace
+    echo 1 > $_tr/events/kvm/kvm_exit/enable
+    sleep 1
+    echo 0 > $_tr/events/kvm/kvm_exit/enable
+    grep -v '^#' $_tr/trace | awk '{ $1 = $2 = $3 = $4 = ""; print }' | sort | uniq -c | sort -rn | head -n 8 \
+      | sed 's/^/L1-STUCK kvm_exit /'
+  fi
 }
 
 l2_exec() {

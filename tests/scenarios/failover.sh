@@ -143,6 +143,8 @@ if run_wait_for switch "L2-SW-READY" 300; then
   ping_report L1-AUTO-PING /tmp/ping2.log
   echo "L1-SW-COUNTERS $(ctl counters | tr -d '\n ')"
   ctl shutdown > /dev/null
+else
+  vm_stuck_report switch $SOCK
 fi
 run_end switch
 echo "L1-SW-AFTER-EXIT $(vf_state "$PF" 0)"

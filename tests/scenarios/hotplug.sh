@@ -56,7 +56,7 @@ if run_wait_for hp "L2-HOTPLUG-READY" 300; then
     k=$((k + 1))
     out=$(ctl device-add "device=path=/sys/bus/pci/devices/$EDU,id=edu" 2>&1) \
       || { echo "L1-HP-ADD-FAILED n=$k $(echo "$out" | tr -d '\n')"; break; }
-    wait_lines "L2-EDU-UP" $k 60 || { echo "L1-HP-NOT-SEEN n=$k"; break; }
+    wait_lines "L2-EDU-UP" $k 60 || { echo "L1-HP-NOT-SEEN n=$k"; vm_stuck_report hp $SOCK; break; }
     echo "L1-HP-IN n=$k $(resources) fds=$(fds) driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver)")"
     out=$(ctl device-remove edu 2>&1) || { echo "L1-HP-REMOVE-FAILED n=$k $(echo "$out" | tr -d '\n')"; break; }
     wait_lines "L2-EDU-GONE" $k 60 || { echo "L1-HP-NOT-GONE n=$k"; break; }
@@ -64,6 +64,8 @@ if run_wait_for hp "L2-HOTPLUG-READY" 300; then
   done
   echo "L1-HP-END cycles=$k"
   ctl shutdown > /dev/null
+else
+  vm_stuck_report hp $SOCK
 fi
 run_end hp
 echo "L1-AFTER-HP driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null)"
