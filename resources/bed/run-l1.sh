@@ -23,6 +23,14 @@
 #   --timeout SEC  kill L0's QEMU after SEC seconds (default 900; exit status then 124)
 #   --append STR   more L1 kernel command line (tandem.l1_verbose=1 keeps L1's kernel
 #                  messages on the console after module loading)
+# Environment (optional):
+#   L1_NETNS_CMD   with --igb: a shell command (sh -c) run in the background inside that
+#                  network namespace while L1 runs, with L1_LOG (LOG) and L1_NETNS (the
+#                  namespace) in its environment: e.g. an L0-side peer of L1's or L2's
+#                  network (resources/bench/failover.sh runs its pinger so). Make it `exec`
+#                  its program: once L1's QEMU has exited (and on every other exit of this
+#                  script) it gets SIGTERM, by its pid, and is waited for (SIGKILL after
+#                  5 s), before the namespace goes. Its exit status is not ours.
 # Exit status: QEMU's (0 when L1 powered off; 1 when L1's kernel panicked, via pvpanic).
 # A one-line summary goes to stderr. Root is needed only for --igb.
 set -euo pipefail
@@ -45,6 +53,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -eq 2 ] || die "$usage"
 OVERLAY=$1 LOG=$2
+[ -z "${L1_NETNS_CMD:-}" ] || [ $IGB = 1 ] || die "L1_NETNS_CMD needs --igb (it runs in --igb's network namespace)"
 case "$MEM$SMP$TMO" in *[!0-9]*) die "--mem, --smp and --timeout take whole numbers" ;; esac
 
 QEMU=$CACHE/qemu/qemu KERNEL=$CACHE/vmlinux-l1 BASE=$CACHE/l1-base.cpio.gz
@@ -60,9 +69,21 @@ rm -f "$LOG"
 # Base + overlay in one file. The kernel looks for each following archive at a 4-byte
 # aligned offset, so the gzip'ed base is padded with zero bytes (which it skips).
 INITRD=$(mktemp "${TMPDIR:-/tmp}/tandem-l1-initrd.XXXXXX")
-NS=""
+NS="" HOOK=""
+stop_hook() {
+  [ -n "$HOOK" ] || return 0
+  local n=0
+  kill -TERM "$HOOK" 2>/dev/null || true
+  while kill -0 "$HOOK" 2>/dev/null && [ $n -lt 10 ]; do
+    sleep 0.5; n=$((n + 1))
+  done
+  kill -KILL "$HOOK" 2>/dev/null || true
+  wait "$HOOK" 2>/dev/null || true
+  HOOK=""
+}
 cleanup() {
   rm -f "$INITRD"
+  stop_hook
   if [ -n "$NS" ]; then ip netns del "$NS" 2>/dev/null || true; fi
 }
 trap cleanup EXIT
@@ -119,6 +140,10 @@ start=$(date +%s.%N)
 # in its own process group, so a signal to ours would not reach it).
 "${RUN[@]}" timeout -k 10 "$TMO" "$QEMU" "${ARGS[@]}" -append "$CMDLINE" &
 qpid=$!
+if [ -n "${L1_NETNS_CMD:-}" ]; then
+  L1_LOG=$LOG L1_NETNS=$NS ip netns exec "$NS" sh -c "$L1_NETNS_CMD" </dev/null &
+  HOOK=$!
+fi
 # QEMU exits 0 when terminated by a signal: remember that we were stopped.
 stopped=""
 for sig in INT TERM HUP; do
@@ -132,6 +157,7 @@ done
 if [ -n "$stopped" ]; then
   rc=$((128 + $(kill -l "$stopped")))
 fi
+stop_hook
 wall=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e - s}')
 note=""
 case $rc in

@@ -3,10 +3,10 @@
 
 # bench_args "$@" : --runs N (rounds: in each, every measurement is taken once per VMM, the
 # VMM going first alternating; default 6) and --secs S (length of a measurement; default 5),
-# into RUNS and SECS.
+# into RUNS and SECS. A bench with other defaults sets BENCH_RUNS_DEFAULT / BENCH_SECS_DEFAULT.
 bench_args() {
   local usage="usage: $(basename "$0") [--runs N] [--secs S]"
-  RUNS=6 SECS=5
+  RUNS=${BENCH_RUNS_DEFAULT:-6} SECS=${BENCH_SECS_DEFAULT:-5}
   while [ $# -gt 0 ]; do
     case $1 in
       --runs) RUNS=${2:?$usage}; shift 2 ;;
