@@ -9,7 +9,7 @@ use boot::layout::MemoryLayout;
 
 use crate::config::{ConfigError, SerialConfig, VmConfig};
 use crate::device_manager::{
-    check_passthrough_host, DeviceError, DeviceHold, DeviceManager, InterruptRemapping, PassthroughReport,
+    check_passthrough_host, DeviceError, DeviceManager, InterruptRemapping, PassthroughReport,
 };
 use crate::exit::ExitLatch;
 use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair};
@@ -165,7 +165,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
         if pairs.iter().any(|p| p.vf == id) {
             devices.prepare_passthrough(id, sysfs)?;
         } else {
-            report_passthrough(&devices.add_passthrough(id, sysfs, DeviceHold::WhileOnBus, None)?);
+            report_passthrough(&devices.add_passthrough(id, sysfs, None)?);
         }
     }
     devices.mark_present();

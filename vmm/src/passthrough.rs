@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::device_manager::{DeviceHold, DeviceManager, DeviceStats, DriverReady, Removal};
+use crate::device_manager::{DeviceManager, DeviceStats, DriverReady, Removal};
 use crate::failover::{Cause, FailoverEvent, FailoverEvents, FailoverPair, PairState, Switch};
 use crate::sriov::{DeviceLease, DeviceSpec, Host, Leases, SriovError, VfLease, VfSpec};
 
@@ -150,14 +150,14 @@ impl Passthrough {
                 }
                 let sysfs = lease.sysfs_path().to_path_buf();
                 self.leases().vfs.push(lease);
-                self.plug_leased(&spec.id, &sysfs, DeviceHold::WhileOnBus, None)
+                self.plug_leased(&spec.id, &sysfs, None)
             }
             AddRequest::Device(spec) => {
                 self.check_new_id(&spec.id)?;
                 let lease = DeviceLease::acquire(&spec, &self.host).map_err(lease_error)?;
                 let sysfs = lease.sysfs_path().to_path_buf();
                 self.leases().devices.push(lease);
-                self.plug_leased(&spec.id, &sysfs, DeviceHold::WhileOnBus, None)
+                self.plug_leased(&spec.id, &sysfs, None)
             }
         }
     }
@@ -216,12 +216,11 @@ impl Passthrough {
         &mut self,
         id: &str,
         sysfs: &std::path::Path,
-        hold: DeviceHold,
         ready: Option<DriverReady>,
     ) -> Result<Plugged, PlugError> {
         let added = {
             let mut dm = self.dm();
-            dm.add_passthrough(id, sysfs, hold, ready).and_then(|r| dm.announce(id, r.slot).map(|()| r))
+            dm.add_passthrough(id, sysfs, ready).and_then(|r| dm.announce(id, r.slot).map(|()| r))
         };
         match added {
             Ok(r) => Ok(Plugged { id: id.to_string(), bdf: r.bdf, slot: r.slot }),
@@ -253,8 +252,7 @@ impl Passthrough {
         let events = self.events.clone();
         let ready_id = id.clone();
         let ready: DriverReady = Arc::new(move || events.send(FailoverEvent::VfReady(ready_id.clone())));
-        // Held open between plugs: a parked VF stays Tandem's, and its re-plug stays fast.
-        let plugged = match self.plug_leased(&id, &sysfs, DeviceHold::ForTheVm, Some(ready)) {
+        let plugged = match self.plug_leased(&id, &sysfs, Some(ready)) {
             Ok(p) => p,
             Err(e) => {
                 if let Some(lease) = self.leases().vfs.iter().find(|l| l.id() == id) {

@@ -9,7 +9,7 @@ mod vfio_checks;
 mod virtio;
 
 pub use hotplug::Removal;
-pub use vfio::{pci_sysfs_path, DeviceHold, DmaMapStats, DriverReady, PassthroughReport, VfioHostError};
+pub use vfio::{pci_sysfs_path, DmaMapStats, DriverReady, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
 use std::sync::{Arc, Mutex};

@@ -67,10 +67,6 @@ pub(super) struct VfioHost {
     /// leaves the container, and with the last group the kernel drops the IOMMU and
     /// every DMA mapping in it.
     opened: Vec<Weak<VfioDevice>>,
-    /// Devices held open while off the bus (failover VFs between plugs), by sysfs path:
-    /// their groups stay in the container and in KVM, and guest RAM stays mapped, so a
-    /// re-plug neither re-pins guest RAM nor changes KVM's view of the VM's DMA.
-    held: Vec<(PathBuf, Arc<VfioDevice>)>,
 }
 
 impl VfioHost {
@@ -87,17 +83,16 @@ impl VfioHost {
             stats: DmaMapStats::default(),
             interrupts,
             opened: Vec::new(),
-            held: Vec::new(),
         })
     }
 
     /// Opens the device (its group joins the container; the first group also selects
     /// the type-1 IOMMU) and maps guest RAM for DMA if no open device has it mapped.
-    /// `hold` keeps the device open after it leaves the bus, for the VM's life.
-    fn open(&mut self, sysfs: &Path, hold: bool) -> Result<Arc<VfioDevice>, VfioHostError> {
-        if let Some((_, device)) = self.held.iter().find(|(p, _)| p == sysfs) {
-            return Ok(device.clone());
-        }
+    /// A device closes when it leaves the bus: the kernel's release then resets it and
+    /// the next open starts it from the state it had on the host, which a VF needs (one
+    /// held open across plugs and only reset in between carried little traffic after
+    /// its re-plug in the bed).
+    fn open(&mut self, sysfs: &Path) -> Result<Arc<VfioDevice>, VfioHostError> {
         self.forget_closed();
         let bdf = bdf_of(sysfs);
         let ops: Arc<dyn VfioOps> = self.container.clone();
@@ -111,9 +106,6 @@ impl VfioHost {
                 self.unmap_guest_ram();
                 return Err(e);
             }
-        }
-        if hold {
-            self.held.push((sysfs.to_path_buf(), device.clone()));
         }
         Ok(device)
     }
@@ -265,15 +257,6 @@ pub struct PassthroughReport {
     pub attach: Duration,
 }
 
-/// How long the VMM keeps a passthrough device's VFIO device open.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceHold {
-    /// Closed when it leaves the bus, so the host can have it back.
-    WhileOnBus,
-    /// Open until the VM ends, on the bus or not (a failover VF parked between plugs).
-    ForTheVm,
-}
-
 /// Tells the VMM once when the guest's driver first turns one of the device's
 /// interrupts on: for a NIC, the moment it is ready to receive.
 pub type DriverReady = Arc<dyn Fn() + Send + Sync>;
@@ -325,7 +308,6 @@ impl DeviceManager {
         &mut self,
         id: &str,
         sysfs: &Path,
-        hold: DeviceHold,
         ready: Option<DriverReady>,
     ) -> Result<PassthroughReport, DeviceError> {
         let start = Instant::now();
@@ -342,7 +324,7 @@ impl DeviceManager {
         }
         let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
         let maps_ram = vfio.dma_mappings() == 0;
-        let device = vfio.open(sysfs, hold == DeviceHold::ForTheVm).map_err(fail)?;
+        let device = vfio.open(sysfs).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
         // On failure the device is dropped (closed) on the way out.
         let (slot, shared) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
@@ -351,11 +333,11 @@ impl DeviceManager {
         Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
     }
 
-    /// Opens the host device at `sysfs` for the VM's life, before the guest runs, for a
-    /// device that is hot-plugged later (a failover VF): its IOMMU group joins the
-    /// container and KVM, and guest RAM is mapped, now; a plug then only resets it.
+    /// Opens the host device at `sysfs` once and closes it again, before the guest runs,
+    /// for a device that is hot-plugged later (a failover VF): whatever keeps it from
+    /// working through VFIO fails the start, not the first plug.
     pub fn prepare_passthrough(&mut self, id: &str, sysfs: &Path) -> Result<(), DeviceError> {
-        let report = self.add_passthrough(id, sysfs, DeviceHold::ForTheVm, None)?;
+        let report = self.add_passthrough(id, sysfs, None)?;
         if let Some(index) = self.pci_devices.iter().position(|e| e.id == id && e.slot == report.slot) {
             self.take_off_bus(index)?;
         }
