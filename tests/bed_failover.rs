@@ -142,3 +142,21 @@ fn when_the_pf_loses_its_link_the_vf_leaves_by_itself_and_comes_back_with_it() {
     assert!(run.lines.iter().any(|l| l.contains("lost its link")), "{}", run.console());
     assert!(run.lines.iter().any(|l| l.contains("has its link again")), "{}", run.console());
 }
+
+#[test]
+fn when_the_host_takes_the_vf_away_tandem_unplugs_it_and_the_standby_carries_on() {
+    let bed = bed();
+    let run = bed.run("switch");
+    assert_eq!(l1(bed, "L1-GONE-UNPLUGGED"), "L1-GONE-UNPLUGGED", "{}", run.console());
+    // The PF's removal of its VFs waited for Tandem to let go, then went through.
+    assert_eq!(l1(bed, "L1-GONE-NUMVFS"), "L1-GONE-NUMVFS rc=0");
+    let (before, after) = (l1(bed, "L1-GONE-BEFORE"), l1(bed, "L1-GONE-AFTER"));
+    assert_eq!((kv(after, "vf"), kv(after, "numvfs")), (Some("-"), Some("0")), "{after}");
+    assert!(after.contains(r#""state":"parked-host-took-it""#), "{after}");
+    let standby = num(after, "sb0_rx") - num(before, "sb0_rx");
+    assert!(standby >= 150, "the standby did not carry the traffic once the VF was gone: {before} / {after}");
+    let ping = l1(bed, "L1-GONE-PING");
+    eprintln!("VF taken away by the host under 10 ms pings: {ping}");
+    assert!(num(ping, "received") * 10 >= num(ping, "sent") * 8, "traffic did not continue: {ping}");
+    assert!(run.lines.iter().any(|l| l.contains("the host wants the device back")), "{}", run.console());
+}

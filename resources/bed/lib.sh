@@ -202,7 +202,12 @@ run_end() {
 vm_stuck_report() {
   _p=$(cat "/tmp/run-$1.pid")
   for _t in /proc/$_p/task/*; do
-    echo "L1-STUCK task=$(cat $_t/comm) state=$(awk '{print $3}' $_t/stat) wchan=$(cat $_t/wchan) utime=$(awk '{print $14}' $_t/stat)"
+    # utime includes guest time (stat field 43): guest_time ~ utime is time in the guest.
+    echo "L1-STUCK task=$(cat $_t/comm) state=$(awk '{print $3}' $_t/stat) wchan=$(cat $_t/wchan) $(awk '{print "utime=" $14, "stime=" $15, "guest_time=" $43}' $_t/stat)"
+  done
+  sleep 2
+  for _t in /proc/$_p/task/*; do
+    [ "$(cat $_t/comm)" = vcpu0 ] && echo "L1-STUCK 2s-later task=vcpu0 $(awk '{print "utime=" $14, "stime=" $15, "guest_time=" $43}' $_t/stat) syscall=$(cut -d' ' -f1 $_t/syscall)"
   done
   if [ -n "${2:-}" ]; then
     for _k in 1 2; do

@@ -142,6 +142,23 @@ if run_wait_for switch "L2-SW-READY" 300; then
   kill -INT $PING; wait $PING
   ping_report L1-AUTO-PING /tmp/ping2.log
   echo "L1-SW-COUNTERS $(ctl counters | tr -d '\n ')"
+
+  # The host takes the VF away (its PF removes its VFs, which waits for whoever holds
+  # one): Tandem is asked through VFIO's request interrupt, moves the traffic to the
+  # standby and unplugs the VF, and the removal goes on.
+  ping -i 0.01 10.98.0.3 > /tmp/ping3.log 2>&1 &
+  PING=$!
+  sleep 2
+  echo "L1-GONE-BEFORE sb0_rx=$(sb_rx) $(last_sw)"
+  ( timeout 60 sh -c "echo 0 > /sys/class/net/$PF/device/sriov_numvfs"; echo "L1-GONE-NUMVFS rc=$?" > /tmp/numvfs.out ) &
+  NUMVFS=$!
+  run_wait_for switch "unplugged and closed for the host" 60 && echo "L1-GONE-UNPLUGGED"
+  wait $NUMVFS
+  cat /tmp/numvfs.out
+  sleep 3
+  echo "L1-GONE-AFTER sb0_rx=$(sb_rx) $(last_sw) numvfs=$(cat /sys/class/net/$PF/device/sriov_numvfs) info=$(ctl info | tr -d '\n ')"
+  kill -INT $PING; wait $PING
+  ping_report L1-GONE-PING /tmp/ping3.log
   ctl shutdown > /dev/null
 else
   vm_stuck_report switch $SOCK

@@ -165,7 +165,11 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
         if pairs.iter().any(|p| p.vf == id) {
             devices.prepare_passthrough(id, sysfs)?;
         } else {
-            report_passthrough(&devices.add_passthrough(id, sysfs, None)?);
+            let report = devices.add_passthrough(id, sysfs, None)?;
+            report_passthrough(&report);
+            if let Some(fd) = report.request {
+                events.send(FailoverEvent::WatchRequest(id.to_string(), fd));
+            }
         }
     }
     devices.mark_present();

@@ -35,6 +35,9 @@ pub enum Cause {
     User,
     /// Its PF lost its link: it comes back by itself when the link does.
     Link,
+    /// The host took the VF back (an unbind, or its PF removing its VFs): it comes back
+    /// only with `device-add` once the VF is there again.
+    Host,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -52,6 +55,7 @@ impl std::fmt::Display for PairState {
             Self::Plugged => "plugged",
             Self::Parked(Cause::User) => "parked by device-remove",
             Self::Parked(Cause::Link) => "parked while its PF has no link",
+            Self::Parked(Cause::Host) => "given back to the host, which asked for it",
         })
     }
 }
@@ -64,6 +68,7 @@ impl PairState {
             Self::Plugged => "plugged",
             Self::Parked(Cause::User) => "parked",
             Self::Parked(Cause::Link) => "parked-link-down",
+            Self::Parked(Cause::Host) => "parked-host-took-it",
         }
     }
 }
@@ -108,6 +113,8 @@ pub enum FailoverEvent {
     Standby(String),
     /// The guest's driver of this VF enabled its first interrupt.
     VfReady(String),
+    /// Watch this passthrough device's VFIO request interrupt: the host wants it back.
+    WatchRequest(String, Arc<EventFd>),
     Stop,
 }
 
@@ -223,11 +230,17 @@ fn run(
     let mut up: HashMap<u32, bool> =
         pfs.keys().map(|&i| (i, crate::sriov::linkwatch::link_state(i).map_or(true, |e| e.up))).collect();
     let lock = || passthrough.lock().unwrap_or_else(|e| e.into_inner());
+    // Devices whose host may ask for them back. A device off the bus has dropped its
+    // end of the eventfd: it is watched no longer.
+    let mut requests: Vec<(String, Arc<EventFd>)> = Vec::new();
     loop {
+        requests.retain(|(_, fd)| Arc::strong_count(fd) > 1);
         let mut fds = vec![libc::pollfd { fd: events.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
         if let Some(w) = &watch {
             fds.push(libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
+        let first_request = fds.len();
+        fds.extend(requests.iter().map(|(_, fd)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {
@@ -244,7 +257,20 @@ fn run(
                 FailoverEvent::Stop => return,
                 FailoverEvent::Standby(net) => lock().standby_negotiated(&net),
                 FailoverEvent::VfReady(vf) => lock().vf_ready(&vf),
+                FailoverEvent::WatchRequest(id, fd) => requests.push((id, fd)),
             }
+        }
+        let asked: Vec<String> = fds[first_request..]
+            .iter()
+            .zip(&requests)
+            .filter(|(p, _)| p.revents != 0)
+            .map(|(_, (id, fd))| {
+                let _ = fd.read();
+                id.clone()
+            })
+            .collect();
+        for id in asked {
+            lock().host_request(&id);
         }
         let Some(w) = watch.as_mut() else { continue };
         match w.read_events() {

@@ -223,7 +223,12 @@ impl Passthrough {
             dm.add_passthrough(id, sysfs, ready).and_then(|r| dm.announce(id, r.slot).map(|()| r))
         };
         match added {
-            Ok(r) => Ok(Plugged { id: id.to_string(), bdf: r.bdf, slot: r.slot }),
+            Ok(r) => {
+                if let Some(fd) = r.request {
+                    self.events.send(FailoverEvent::WatchRequest(id.to_string(), fd));
+                }
+                Ok(Plugged { id: id.to_string(), bdf: r.bdf, slot: r.slot })
+            }
             Err(e) => {
                 // Never announced: off the bus again without asking the guest.
                 self.dm().discard_pci_device(id);
@@ -319,6 +324,21 @@ impl Passthrough {
             .map_err(|e| PlugError::Failed(format!("removing {id}: {e}")))?;
         self.pairs[i].state = PairState::Parked(cause);
         Ok(removal)
+    }
+
+    /// The host asked for device `id` back (VFIO's request interrupt: an unbind, or its PF
+    /// removing its VFs, which waits until Tandem closes the device): out of the guest,
+    /// a failover VF's traffic moved to its standby first.
+    pub fn host_request(&mut self, id: &str) {
+        if !self.on_bus(id) {
+            return;
+        }
+        let what = if self.pair_index(id).is_some() { "moving the guest's traffic to the standby and " } else { "" };
+        eprintln!("tandem: {id}: the host wants the device back (an unbind or a VF removal): {what}unplugging it");
+        match self.remove(id, Cause::Host) {
+            Ok(r) => eprintln!("tandem: {id}: unplugged and closed for the host ({})", removal_text(&r)),
+            Err(e) => eprintln!("tandem: warning: {id}: unplugging it for the host failed: {e}"),
+        }
     }
 
     /// The guest's driver of NIC `net` negotiated STANDBY: plug the VF held back for it.

@@ -94,7 +94,7 @@ impl FakeVfio {
         bar3.info.msix_mappable = true;
         let regions = BTreeMap::from([(0, region(BAR_SIZE, true)), (3, bar3), (CONFIG_REGION, config)]);
         let irq = |count| IrqInfo { count, noresize: false };
-        let irqs = BTreeMap::from([(INTX_IRQ, irq(0)), (MSI_IRQ, irq(0)), (MSIX_IRQ, irq(3)), (ERR_IRQ, irq(1))]);
+        let irqs = BTreeMap::from([(INTX_IRQ, irq(0)), (MSI_IRQ, irq(0)), (MSIX_IRQ, irq(3)), (ERR_IRQ, irq(1)), (REQ_IRQ, irq(1))]);
         Self(Arc::new(Mutex::new(State {
             regions,
             irqs,
@@ -194,11 +194,15 @@ impl VfioDeviceOps for FakeVfio {
         if eventfds.is_empty() || eventfds.len() > count as usize {
             return Err(VfioOpsError::IrqCount { index, count, requested: eventfds.len() });
         }
-        // vfio-pci refuses a second interrupt type while one is on.
-        if st.active_irq.is_some_and(|active| active != index) {
+        // vfio-pci refuses a second interrupt type while one is on (the error and
+        // request interrupts are not interrupt types: they go with any).
+        let exclusive = matches!(index, INTX_IRQ | MSI_IRQ | MSIX_IRQ);
+        if exclusive && st.active_irq.is_some_and(|active| active != index) {
             return Err(VfioOpsError::SetIrqs { index, source: std::io::Error::from_raw_os_error(libc::EINVAL) });
         }
-        st.active_irq = Some(index);
+        if exclusive {
+            st.active_irq = Some(index);
+        }
         st.calls.push(Call::EnableIrqs { index, fds: eventfds.iter().map(|e| e.as_raw_fd()).collect() });
         Ok(())
     }

@@ -34,6 +34,8 @@ mod tests;
 use std::any::Any;
 use std::sync::Arc;
 
+use vmm_sys_util::eventfd::EventFd;
+
 pub use bars::{BarsError, PAGE_SIZE};
 pub use config::VfioConfigError;
 pub use host::HostVfioDevice;
@@ -61,6 +63,8 @@ pub enum VfioError {
     Irq(#[from] IrqError),
     #[error("cannot mirror the command register to the device: {0}")]
     Command(#[source] VfioOpsError),
+    #[error("cannot watch for the host asking for the device back (VFIO's request interrupt): {0}")]
+    Request(#[source] VfioOpsError),
     #[error("config space access at {offset:#x}: {source}")]
     ConfigAccess {
         offset: u64,
@@ -137,6 +141,18 @@ impl VfioPciDevice {
         }
         self.config.show_interrupt_pin();
         self.irqs.set_intx_line(self.ops.as_ref(), line)?;
+        Ok(true)
+    }
+
+    /// Signals `eventfd` when the host wants the device back (VFIO's request interrupt:
+    /// an unbind from vfio-pci, or a VF's PF removing its VFs): the host waits until the
+    /// VMM closes the device, so the VMM should take it out of the guest then. Returns
+    /// whether the device offers that interrupt.
+    pub fn set_request_notifier(&self, eventfd: &EventFd) -> Result<bool, VfioError> {
+        if self.ops.irq_info(REQ_IRQ).is_none_or(|i| i.count == 0) {
+            return Ok(false);
+        }
+        self.ops.enable_irqs(REQ_IRQ, &[eventfd]).map_err(VfioError::Request)?;
         Ok(true)
     }
 

@@ -721,3 +721,20 @@ fn an_io_bar_is_not_offered_to_the_guest() {
     write(&mut dev, 0x18, 0xffff_ffff, 4);
     assert_eq!(read32(&mut dev, 0x18), 0, "the I/O BAR reads as absent, sizing included");
 }
+
+#[test]
+fn the_request_interrupt_goes_to_its_eventfd_alongside_msix() {
+    let (mut dev, fake, _) = igbvf();
+    let request = EventFd::new(0).unwrap();
+    assert!(dev.set_request_notifier(&request).unwrap());
+    assert_eq!(fake.take_calls(), vec![Call::EnableIrqs { index: REQ_IRQ, fds: vec![request.as_raw_fd()] }]);
+    // MSI-X still goes on: the request interrupt is not an interrupt type of its own.
+    program_vector(&mut dev, 0, msg(1), false);
+    write(&mut dev, MSIX_CAP + 2, 0x8002, 2);
+    assert!(fake.take_calls().iter().any(|c| matches!(c, Call::EnableIrqs { index: MSIX_IRQ, .. })));
+
+    let without = FakeVfio::igbvf();
+    without.state().irqs.remove(&REQ_IRQ);
+    let (dev, _) = attach(&without, 3);
+    assert!(!dev.set_request_notifier(&request).unwrap(), "a device without it offers none");
+}

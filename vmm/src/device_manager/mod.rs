@@ -91,6 +91,9 @@ pub struct PciDeviceEntry {
     pub slot: u8,
     pub device: ::pci::SharedPciDevice,
     pub stats: DeviceStats,
+    /// A passthrough device's VFIO request interrupt (the host wants it back), shared
+    /// with whoever watches it; dropped with the entry, which tells the watcher to stop.
+    pub request: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
 }
 
 /// Where a device's counters are, for `info` and `counters` (the API).

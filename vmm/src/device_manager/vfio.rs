@@ -16,6 +16,7 @@ use pci::vfio::{vector_count, HostVfioDevice};
 use pci::VfioPciDevice;
 use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
 use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry};
@@ -255,6 +256,8 @@ pub struct PassthroughReport {
     /// Set for the device that mapped guest RAM (the first one open).
     pub dma: Option<DmaMapStats>,
     pub attach: Duration,
+    /// Signalled when the host wants the device back (see `VfioPciDevice::set_request_notifier`).
+    pub request: Option<Arc<EventFd>>,
 }
 
 /// Tells the VMM once when the guest's driver first turns one of the device's
@@ -327,10 +330,11 @@ impl DeviceManager {
         let device = vfio.open(sysfs).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
         // On failure the device is dropped (closed) on the way out.
-        let (slot, shared) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
+        let (slot, shared, request) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
         let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats });
-        Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed() })
+        let entry = PciDeviceEntry { id: id.to_string(), slot, device: shared, stats, request: request.clone() };
+        self.pci_devices.push(entry);
+        Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed(), request })
     }
 
     /// Opens the host device at `sysfs` once and closes it again, before the guest runs,
@@ -352,7 +356,7 @@ impl DeviceManager {
         bdf: &str,
         device: Arc<VfioDevice>,
         ready: Option<DriverReady>,
-    ) -> Result<(u8, pci::SharedPciDevice), DeviceError> {
+    ) -> Result<(u8, pci::SharedPciDevice, Option<Arc<EventFd>>), DeviceError> {
         let fail = |reason: String| DeviceError::Backend { id: id.to_string(), reason: format!("{bdf}: {reason}") };
         let ops = HostVfioDevice::new(device);
         let inner = KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?;
@@ -361,6 +365,16 @@ impl DeviceManager {
             None => Arc::new(inner),
         };
         let dev = VfioPciDevice::new(Box::new(ops), vectors).map_err(|e| fail(e.to_string()))?;
+        // Without it the host's unbind or VF removal waits for the VM to end; not fatal.
+        let request = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
+        let request = match dev.set_request_notifier(&request) {
+            Ok(true) => Some(Arc::new(request)),
+            Ok(false) => None,
+            Err(e) => {
+                eprintln!("tandem: warning: {id}: {bdf}: {e}");
+                None
+            }
+        };
         let intx_pin = dev.intx_pin();
         let typed = Arc::new(Mutex::new(dev));
         let shared: pci::SharedPciDevice = typed.clone();
@@ -379,7 +393,7 @@ impl DeviceManager {
                 eprintln!("tandem: warning: {id}: {bdf}: cannot enable INTx yet: {e}");
             }
         }
-        Ok((slot, shared))
+        Ok((slot, shared, request))
     }
 }
 
