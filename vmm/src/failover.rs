@@ -115,6 +115,8 @@ pub enum FailoverEvent {
     VfReady(String),
     /// Watch this passthrough device's VFIO request interrupt: the host wants it back.
     WatchRequest(String, Arc<EventFd>),
+    /// That device left the bus: stop watching it (and close the worker's end).
+    Unwatch(String),
     Stop,
 }
 
@@ -251,15 +253,7 @@ fn run(
             eprintln!("tandem: warning: the failover worker stops: poll: {e}");
             return;
         }
-        let _ = events.wake.read();
-        while let Ok(event) = rx.try_recv() {
-            match event {
-                FailoverEvent::Stop => return,
-                FailoverEvent::Standby(net) => lock().standby_negotiated(&net),
-                FailoverEvent::VfReady(vf) => lock().vf_ready(&vf),
-                FailoverEvent::WatchRequest(id, fd) => requests.push((id, fd)),
-            }
-        }
+        // Before the events below change `requests`: `fds` follows its order now.
         let asked: Vec<String> = fds[first_request..]
             .iter()
             .zip(&requests)
@@ -269,6 +263,16 @@ fn run(
                 id.clone()
             })
             .collect();
+        let _ = events.wake.read();
+        while let Ok(event) = rx.try_recv() {
+            match event {
+                FailoverEvent::Stop => return,
+                FailoverEvent::Standby(net) => lock().standby_negotiated(&net),
+                FailoverEvent::VfReady(vf) => lock().vf_ready(&vf),
+                FailoverEvent::WatchRequest(id, fd) => requests.push((id, fd)),
+                FailoverEvent::Unwatch(id) => requests.retain(|(r, _)| *r != id),
+            }
+        }
         for id in asked {
             lock().host_request(&id);
         }

@@ -232,6 +232,7 @@ impl Passthrough {
             Err(e) => {
                 // Never announced: off the bus again without asking the guest.
                 self.dm().discard_pci_device(id);
+                self.events.send(FailoverEvent::Unwatch(id.to_string()));
                 if self.pair_index(id).is_none() {
                     if let Some(Err(r)) = self.leases().release(id) {
                         eprintln!("tandem: warning: {id}: {r}");
@@ -277,6 +278,14 @@ impl Passthrough {
     /// Takes device `id` out of the running guest. A failover VF stays leased, parked
     /// with its traffic moved to the standby; any other host device goes back to the host.
     pub fn remove(&mut self, id: &str, cause: Cause) -> Result<Removal, PlugError> {
+        let removed = self.take_out(id, cause);
+        if removed.is_ok() {
+            self.events.send(FailoverEvent::Unwatch(id.to_string()));
+        }
+        removed
+    }
+
+    fn take_out(&mut self, id: &str, cause: Cause) -> Result<Removal, PlugError> {
         if !self.on_bus(id) {
             let held = self.pair_index(id).map(|i| &self.pairs[i]);
             return Err(match held {
