@@ -10,4 +10,4 @@ cd "$ROOT"
 say "cargo build --workspace --bins"
 cargo build --workspace --bins
 say "cargo test --workspace $*"
-cargo test --workspace "$@"
+cargo test --workspace --no-fail-fast "$@"
