@@ -175,6 +175,14 @@ vmm_end() {
 }
 
 ev() { echo "FOEV vmm=$v run=$i ev=$*"; }
+# step ACTION DONE : event ACTION, ${v}_ACTION, event "DONE rc=<its status>"; a failure
+# fails the scenario (ok=0).
+step() {
+  ev "$1"
+  "${v}_$1"; _rc=$?
+  ev "$2 rc=$_rc"
+  [ $_rc = 0 ] || ok=0
+}
 
 # fdb_where : where br0's forwarding database puts $MAC: "fdb=<port>:<age s>", or fdb=none
 # (from /sys/class/net/br0/brforward: 16-byte records, mac[6] port_no is_local ageing[4] ...).
@@ -261,17 +269,11 @@ scenario() {
     # The context lines fork several programs: not next to a transition.
     echo "FOINFO vmm=$v run=$i before $(vf_state "$PF" 0) $(fdb_where)"
     sleep 5
-    ev unplug
-    ${v}_unplug; _rc=$?
-    ev "unplugged rc=$_rc"
-    [ $_rc = 0 ] || ok=0
+    step unplug unplugged
     sleep "$secs"
     echo "FOINFO vmm=$v run=$i parked $(vf_state "$PF" 0) $(fdb_where)"
     sleep 1
-    ev replug
-    ${v}_replug; _rc=$?
-    ev "replugged rc=$_rc"
-    [ $_rc = 0 ] || ok=0
+    step replug replugged
     vmm_wait_log "$v" "FOG vf-rx" 60 || { ok=0; echo "FOINFO vmm=$v run=$i no vf-rx from the guest"; }
     sleep 5
     ev end

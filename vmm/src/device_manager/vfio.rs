@@ -90,9 +90,7 @@ impl VfioHost {
     /// Opens the device (its group joins the container; the first group also selects
     /// the type-1 IOMMU) and maps guest RAM for DMA if no open device has it mapped.
     /// A device closes when it leaves the bus: the kernel's release then resets it and
-    /// the next open starts it from the state it had on the host, which a VF needs (one
-    /// held open across plugs and only reset in between carried little traffic after
-    /// its re-plug in the bed).
+    /// the next open starts it from the state it had on the host.
     fn open(&mut self, sysfs: &Path) -> Result<Arc<VfioDevice>, VfioHostError> {
         self.forget_closed();
         let bdf = bdf_of(sysfs);
