@@ -140,6 +140,10 @@ impl VmControl for Control {
         self.vm.resume().map_err(run_error)
     }
 
+    fn nmi(&self) -> Result<(), ApiError> {
+        self.vm.inject_nmi().map_err(run_error)
+    }
+
     fn shutdown(&self) -> Result<(), ApiError> {
         self.vm.stop(GuestExit::Shutdown);
         Ok(())

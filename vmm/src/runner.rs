@@ -35,6 +35,8 @@ pub enum RunError {
     NotPaused,
     #[error("only {parked} of {vcpus} vCPUs stopped within 5 s; the VM keeps running")]
     PauseTimeout { parked: usize, vcpus: usize },
+    #[error("not all of the {vcpus} vCPUs took the NMI within 5 s; the VM keeps running")]
+    NmiTimeout { vcpus: usize },
     #[error("cannot start the failover worker: {0}")]
     Failover(#[source] std::io::Error),
 }
@@ -116,6 +118,28 @@ impl VmStopper {
             if Instant::now() >= deadline || self.latch.is_set() {
                 self.gate.open();
                 return Err(RunError::PauseTimeout { parked: self.gate.parked(), vcpus: live });
+            }
+        }
+    }
+
+    /// Injects an NMI into every vCPU. A paused VM gets it when it resumes.
+    pub fn inject_nmi(&self) -> Result<(), RunError> {
+        if self.latch.is_set() {
+            return Err(RunError::Ended);
+        }
+        self.gate.request_nmi();
+        if self.gate.is_closed() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            // As for pause: a kick between two KVM_RUNs is lost, so repeat it.
+            let live = self.kick_all();
+            if self.gate.wait_nmi(live, Duration::from_millis(2)) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline || self.latch.is_set() {
+                return Err(RunError::NmiTimeout { vcpus: live });
             }
         }
     }

@@ -116,10 +116,16 @@ impl Vcpu {
     /// `VcpuHandle::kick`).
     pub fn run(mut self, buses: &Buses, counters: &ExitCounters, latch: &ExitLatch, gate: &PauseGate) {
         let id = self.id;
+        let mut nmis_seen = 0;
         while !latch.is_set() {
-            gate.park_while_paused(latch);
+            let nmi_due = gate.between_runs(latch, &mut nmis_seen);
             if latch.is_set() {
                 break;
+            }
+            if nmi_due {
+                if let Err(e) = self.fd.nmi() {
+                    eprintln!("tandem: vCPU {id}: cannot inject the NMI: {e}");
+                }
             }
             let outcome = match self.fd.run() {
                 Ok(exit) => dispatch(id, exit, buses, counters),
@@ -199,9 +205,10 @@ fn dispatch(id: u32, exit: VcpuExit<'_>, buses: &Buses, counters: &ExitCounters)
     None
 }
 
-/// Holds vCPU threads outside KVM_RUN while the VM is paused. A vCPU parks at the top of
-/// its loop; the pauser kicks it out of KVM_RUN and waits until all have parked, so
-/// that "paused" means no guest instruction runs.
+/// Holds vCPU threads outside KVM_RUN while the VM is paused, and hands them what they
+/// must do between two KVM_RUNs (inject an NMI). A vCPU passes it at the top of its
+/// loop; the pauser kicks it out of KVM_RUN and waits until all have parked, so that
+/// "paused" means no guest instruction runs.
 #[derive(Default)]
 pub struct PauseGate {
     state: std::sync::Mutex<GateState>,
@@ -212,6 +219,10 @@ pub struct PauseGate {
 struct GateState {
     paused: bool,
     parked: usize,
+    /// NMIs asked for so far; each vCPU injects when its own count is behind.
+    nmis: u64,
+    /// vCPUs that injected the latest NMI.
+    nmi_acks: usize,
 }
 
 impl PauseGate {
@@ -219,17 +230,46 @@ impl PauseGate {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn park_while_paused(&self, latch: &ExitLatch) {
+    /// Parks while paused; then says whether an NMI is due (`nmis_seen` is the vCPU's
+    /// own count, brought up to date).
+    fn between_runs(&self, latch: &ExitLatch, nmis_seen: &mut u64) -> bool {
         let mut st = self.lock();
-        if !st.paused {
-            return;
+        if st.paused {
+            st.parked += 1;
+            self.changed.notify_all();
+            while st.paused && !latch.is_set() {
+                st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+            }
+            st.parked -= 1;
         }
-        st.parked += 1;
+        if *nmis_seen == st.nmis {
+            return false;
+        }
+        *nmis_seen = st.nmis;
+        st.nmi_acks += 1;
         self.changed.notify_all();
-        while st.paused && !latch.is_set() {
-            st = self.changed.wait(st).unwrap_or_else(|e| e.into_inner());
+        true
+    }
+
+    /// Asks every vCPU for an NMI; they inject it at their next pass (see `wait_nmi`).
+    pub fn request_nmi(&self) {
+        let mut st = self.lock();
+        st.nmis += 1;
+        st.nmi_acks = 0;
+    }
+
+    /// Waits up to `timeout` for `count` vCPUs to inject the latest NMI.
+    pub fn wait_nmi(&self, count: usize, timeout: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + timeout;
+        let mut st = self.lock();
+        while st.nmi_acks < count {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
-        st.parked -= 1;
+        true
     }
 
     /// Asks vCPUs to park; they do at their next pass through the loop (see `parked`).

@@ -205,6 +205,35 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
 }
 
 #[test]
+fn an_nmi_reaches_a_guest_spinning_with_interrupts_off() {
+    // Points IVT vector 2 (NMI) at a handler, prints 'W', then cli; jmp $ — no exit and
+    // no maskable interrupt gets in; only a kick out of KVM_RUN lets the NMI be queued.
+    // The handler prints 'N' and asks for a reset.
+    let code = [
+        0x31, 0xc0, 0x8e, 0xd8, 0xc7, 0x06, 0x08, 0x00, 0x19, 0x10, 0xc7, 0x06, 0x0a, 0x00, 0x00, 0x00, 0xba, 0xf8,
+        0x03, 0xb0, 0x57, 0xee, 0xfa, 0xeb, 0xfe, 0xba, 0xf8, 0x03, 0xb0, 0x4e, 0xee, 0xb0, 0xfe, 0xe6, 0x64, 0xcf,
+    ];
+    let t = tiny_vm(&code);
+    let v = vcpu(&t);
+    v.set_real_mode_entry(CODE).unwrap();
+    let serial = t.serial.clone();
+    let running = with_watchdog(
+        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
+            .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serial.bytes().contains(&b'W') {
+        assert!(Instant::now() < deadline, "guest never got ready; serial: {:?}", serial.bytes());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    std::thread::sleep(Duration::from_millis(20));
+    assert_eq!(serial.bytes(), b"W", "nothing runs the handler before the NMI");
+    running.stopper().inject_nmi().unwrap();
+    assert_eq!(running.wait().unwrap(), GuestExit::Reset, "the NMI handler ran and reset the guest");
+    assert_eq!(serial.bytes(), b"WN");
+}
+
+#[test]
 fn a_guest_that_never_exits_is_stopped_from_the_host() {
     // cli; hlt; jmp $-2 — a vCPU parked in the kernel, only a kick gets it out.
     let t = tiny_vm(&[0xfa, 0xf4, 0xeb, 0xfd]);

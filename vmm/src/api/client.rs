@@ -19,11 +19,15 @@ commands:
   info                      describe the VM (JSON)
   counters                  device and VM-exit counters (JSON)
   pause | resume            stop or restart the vCPUs
+  nmi                       inject an NMI into every vCPU (a guest booted with
+                            unknown_nmi_panic prints a backtrace of where it was)
   shutdown                  stop the VM
   device-remove ID          unplug the device with that id
   device-add vf=SPEC        plug an SR-IOV VF; SPEC as for --vf, e.g. vf=pf=eth0,index=0,id=vf0
   device-add device=SPEC    plug a whole PCI device; SPEC as for --device
-  device-add ID             plug back a failover VF that device-remove (or its PF's link) took out";
+  device-add ID             plug back a failover VF that device-remove (or its PF's link) took out
+  raw METHOD ROUTE [BODY]   send BODY as it is (no JSON check) to /api/v1/ROUTE, e.g. for scripts
+                            or to see how tandem answers a malformed request";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -67,12 +71,17 @@ pub enum ClientError {
 /// Sends one request and returns the status with the JSON body (`Value::Null` when empty),
 /// whatever the status; only failing to get an answer is an error.
 pub fn request(path: &Path, method: &str, route: &str, body: Option<&Value>) -> Result<(u16, Value), ClientError> {
+    let body = body.map(|b| b.to_string().into_bytes());
+    request_bytes(path, method, route, body.as_deref())
+}
+
+/// As [`request`], with a body sent exactly as given.
+pub fn request_bytes(path: &Path, method: &str, route: &str, body: Option<&[u8]>) -> Result<(u16, Value), ClientError> {
     let stream = UnixStream::connect(path).map_err(|e| connect_error(path, e))?;
     let io_err = |source| ClientError::Io { path: path.into(), source };
     stream.set_read_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err)?;
     stream.set_write_timeout(Some(CLIENT_TIMEOUT)).map_err(io_err)?;
-    let body = body.map(|b| b.to_string().into_bytes());
-    if let Err(e) = http::write_request(&mut &stream, method, route, body.as_deref()) {
+    if let Err(e) = http::write_request(&mut &stream, method, route, body) {
         // A server refusing the request (too large, bad route) may close before taking the
         // whole body; its answer is still there to read.
         if !matches!(e.kind(), io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset) {
@@ -106,11 +115,20 @@ fn connect_error(path: &Path, e: io::Error) -> ClientError {
 /// confirmation for commands that have none.
 pub fn run_ctl(path: &Path, args: &[String]) -> Result<String, ClientError> {
     let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    if let ["raw", method, route, ref rest @ ..] = words[..] {
+        if rest.len() > 1 {
+            return Err(ClientError::Usage("raw takes METHOD ROUTE and at most one BODY (quote it)".into()));
+        }
+        let body = rest.first().map(|b| b.as_bytes());
+        let (status, answer) = request_bytes(path, method, &format!("/api/v1/{route}"), body)?;
+        return finish(path, &words, status, answer, "done");
+    }
     let (method, route, body, done) = match words[..] {
         ["info"] => ("GET", "info", None, ""),
         ["counters"] => ("GET", "counters", None, ""),
         ["pause"] => ("PUT", "pause", None, "paused"),
         ["resume"] => ("PUT", "resume", None, "resumed"),
+        ["nmi"] => ("PUT", "nmi", None, "NMI sent"),
         ["shutdown"] => ("PUT", "shutdown", None, "shutting down"),
         ["device-remove", id] if !id.is_empty() => ("PUT", "device-remove", Some(json!({ "id": id })), "removed"),
         ["device-add", spec] => ("PUT", "device-add", Some(device_add_body(spec)?), ""),
@@ -118,6 +136,13 @@ pub fn run_ctl(path: &Path, args: &[String]) -> Result<String, ClientError> {
         [command, ..] => return Err(ClientError::Usage(usage_error(command))),
     };
     let (status, answer) = request(path, method, &format!("/api/v1/{route}"), body.as_ref())?;
+    let done = if route == "device-remove" { format!("{done} {}", words[1]) } else { done.to_string() };
+    finish(path, &words, status, answer, &done)
+}
+
+/// What a command prints: its JSON answer, `done` when it has none, or the server's
+/// error.
+fn finish(path: &Path, words: &[&str], status: u16, answer: Value, done: &str) -> Result<String, ClientError> {
     if !(200..300).contains(&status) {
         let message = match answer.get("error").and_then(Value::as_str) {
             Some(m) => m.to_string(),
@@ -126,8 +151,7 @@ pub fn run_ctl(path: &Path, args: &[String]) -> Result<String, ClientError> {
         return Err(ClientError::Failed { command: words.join(" "), status, message });
     }
     if answer.is_null() {
-        let subject = if route == "device-remove" { format!(" {}", words[1]) } else { String::new() };
-        return Ok(format!("{done}{subject}"));
+        return Ok(done.to_string());
     }
     serde_json::to_string_pretty(&answer)
         .map_err(|e| ClientError::BadResponse { path: path.into(), reason: format!("cannot print the answer: {e}") })
@@ -147,9 +171,10 @@ fn device_add_body(arg: &str) -> Result<Value, ClientError> {
 
 fn usage_error(command: &str) -> String {
     match command {
-        "info" | "counters" | "pause" | "resume" | "shutdown" => format!("{command} takes no arguments"),
+        "info" | "counters" | "pause" | "resume" | "nmi" | "shutdown" => format!("{command} takes no arguments"),
         "device-remove" => "device-remove takes one device id".into(),
         "device-add" => "device-add takes one vf=SPEC, device=SPEC or ID".into(),
+        "raw" => "raw takes METHOD ROUTE [BODY], e.g. raw PUT device-remove '{\"id\": \"vf0\"}'".into(),
         _ => format!("unknown command {command:?}"),
     }
 }
@@ -175,6 +200,8 @@ mod tests {
             (&["device-add", "pf=eth0,index=0"], "vf=SPEC or device=SPEC"),
             (&["device-add", "vf="], "vf=SPEC or device=SPEC"),
             (&["device-add"], "one vf=SPEC"),
+            (&["raw", "PUT"], "METHOD ROUTE [BODY]"),
+            (&["raw", "PUT", "pause", "{}", "x"], "at most one BODY"),
         ] {
             let err = run_ctl(nowhere, &args(words)).unwrap_err();
             assert!(matches!(err, ClientError::Usage(_)), "{words:?}: {err}");

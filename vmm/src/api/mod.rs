@@ -30,6 +30,7 @@
 //! | `/api/v1/counters` | `GET` | none | `200`, per-device bytes/packets, per path (VF, standby), VM exits |
 //! | `/api/v1/pause` | `PUT` | none | `204`; `409` when already paused |
 //! | `/api/v1/resume` | `PUT` | none | `204`; `409` when not paused |
+//! | `/api/v1/nmi` | `PUT` | none | `204` once every vCPU has it queued (a paused VM takes it on resume); `409` when the VM has ended |
 //! | `/api/v1/shutdown` | `PUT` | none | `204`; the VM stops after the reply |
 //! | `/api/v1/device-remove` | `PUT` | `{"id": "vf0"}` | `204`; `404` unknown id, `409` already being removed |
 //! | `/api/v1/device-add` | `PUT` | `{"vf": "pf=eth0,index=0,id=vf0"}`, `{"device": "path=/sys/bus/pci/devices/0000:01:00.0"}`, or `{"id": "vf0"}` for a failover VF held out of the guest | `200`, the added device (`{"id", "host_bdf", "guest_pci"}`); `409` when it is in use, present already or held back |
@@ -74,6 +75,9 @@ pub trait VmControl: Send + Sync {
     fn counters(&self) -> Value;
     fn pause(&self) -> Result<(), ApiError>;
     fn resume(&self) -> Result<(), ApiError>;
+    /// Injects a non-maskable interrupt into every vCPU (QEMU's `inject-nmi`): a guest
+    /// booted with `unknown_nmi_panic` (or a kdump kernel) prints where it was stuck.
+    fn nmi(&self) -> Result<(), ApiError>;
     /// Asks the VM to stop; the reply is sent before the VM is gone, so it must not wait for
     /// the server to stop.
     fn shutdown(&self) -> Result<(), ApiError>;

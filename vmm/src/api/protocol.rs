@@ -39,6 +39,7 @@ enum Route {
     Info,
     Counters,
     Pause,
+    Nmi,
     Resume,
     Shutdown,
     DeviceRemove,
@@ -48,11 +49,12 @@ enum Route {
 const PREFIX: &str = "/api/v1/";
 
 /// (name under /api/v1/, method, route).
-const ROUTES: [(&str, &str, Route); 7] = [
+const ROUTES: [(&str, &str, Route); 8] = [
     ("info", "GET", Route::Info),
     ("counters", "GET", Route::Counters),
     ("pause", "PUT", Route::Pause),
     ("resume", "PUT", Route::Resume),
+    ("nmi", "PUT", Route::Nmi),
     ("shutdown", "PUT", Route::Shutdown),
     ("device-remove", "PUT", Route::DeviceRemove),
     ("device-add", "PUT", Route::DeviceAdd),
@@ -92,6 +94,11 @@ fn dispatch(control: &dyn VmControl, name: &str, route: Route, body: &[u8]) -> R
         Route::Resume => {
             no_body(name, body)?;
             control.resume()?;
+            Ok(Response::no_content())
+        }
+        Route::Nmi => {
+            no_body(name, body)?;
+            control.nmi()?;
             Ok(Response::no_content())
         }
         Route::Shutdown => {
@@ -208,6 +215,10 @@ mod tests {
         fn pause(&self) -> Result<(), ApiError> {
             self.log("pause".into());
             Err(ApiError::Conflict("the VM is already paused".into()))
+        }
+        fn nmi(&self) -> Result<(), ApiError> {
+            self.log("nmi".into());
+            Ok(())
         }
         fn resume(&self) -> Result<(), ApiError> {
             self.log("resume".into());

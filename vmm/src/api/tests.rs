@@ -60,6 +60,10 @@ impl VmControl for FakeVm {
         self.log("pause".into());
         self.set_paused(true, "the VM is already paused")
     }
+    fn nmi(&self) -> Result<(), ApiError> {
+        self.log("nmi".into());
+        Ok(())
+    }
     fn resume(&self) -> Result<(), ApiError> {
         self.log("resume".into());
         self.set_paused(false, "the VM is not paused")
@@ -146,6 +150,7 @@ fn every_route_through_the_client() {
     assert!(ctl(&sock, &["counters"]).unwrap().contains("\"vm_exits\": 42"));
     assert_eq!(ctl(&sock, &["pause"]).unwrap(), "paused");
     assert_eq!(ctl(&sock, &["resume"]).unwrap(), "resumed");
+    assert_eq!(ctl(&sock, &["nmi"]).unwrap(), "NMI sent");
     assert_eq!(ctl(&sock, &["device-remove", "vf0"]).unwrap(), "removed vf0");
     let added = ctl(&sock, &["device-add", "vf=pf=eth0,index=0,id=vf0"]).unwrap();
     assert_eq!(serde_json::from_str::<Value>(&added).unwrap(), json!({"id": "vf0"}));
@@ -158,6 +163,7 @@ fn every_route_through_the_client() {
             "counters",
             "pause",
             "resume",
+            "nmi",
             "device_remove vf0",
             r#"device_add {"vf":"pf=eth0,index=0,id=vf0"}"#,
             r#"device_add {"device":"path=/sys/bus/pci/devices/0000:01:00.0"}"#,
@@ -165,6 +171,19 @@ fn every_route_through_the_client() {
         ]
     );
     server.stop();
+}
+
+#[test]
+fn raw_requests_reach_the_server_unchecked() {
+    let dir = TempDir::new();
+    let (vm, _server) = start(&dir);
+    let sock = dir.sock();
+    let err = ctl(&sock, &["raw", "PUT", "device-remove", "{\"id\": "]).unwrap_err();
+    assert!(matches!(err, ClientError::Failed { status: 400, .. }), "{err}");
+    assert!(err.to_string().contains("JSON"), "{err}");
+    assert_eq!(ctl(&sock, &["raw", "PUT", "device-remove", r#"{"id": "vf0"}"#]).unwrap(), "done");
+    assert_eq!(ctl(&sock, &["raw", "GET", "info"]).unwrap(), ctl(&sock, &["info"]).unwrap());
+    assert_eq!(vm.calls(), ["device_remove vf0", "info", "info"], "the malformed one never reached the VM");
 }
 
 #[test]
