@@ -49,10 +49,12 @@ fn a_paused_guest_stops_ticking_and_resumes() {
 }
 
 #[test]
-fn an_unknown_device_is_a_json_error_and_the_vm_keeps_running() {
+fn an_unknown_device_or_malformed_json_is_a_json_error_and_the_vm_keeps_running() {
     let bed = bed();
     let err = l1(bed, "L1-API-REMOVE-UNKNOWN");
     assert!(err.contains("404") && err.contains("no device \"nosuch\""), "{err}");
+    let malformed = l1(bed, "L1-API-MALFORMED");
+    assert!(malformed.contains("HTTP 400") && malformed.contains("JSON"), "{malformed}");
     assert!(l1(bed, "L1-API-INFO-AGAIN").contains(r#""state":"running""#));
 }
 

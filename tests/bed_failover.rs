@@ -9,13 +9,13 @@
 
 use std::sync::OnceLock;
 
-use tandem_tests::{kv, repo_root, run_bed, BedLog, BedOptions};
+use tandem_tests::{bed_fault, kv, repo_root, run_bed_retrying, BedLog, BedOptions};
 
 fn bed() -> &'static BedLog {
     static BED: OnceLock<BedLog> = OnceLock::new();
     BED.get_or_init(|| {
         let opts = BedOptions { iommu: true, igb: true, timeout_s: 600, ..Default::default() };
-        run_bed("failover", &repo_root().join("tests/scenarios/failover.sh"), &opts)
+        run_bed_retrying("failover", &repo_root().join("tests/scenarios/failover.sh"), &opts, 3)
     })
 }
 
@@ -26,7 +26,7 @@ fn the_guest_pairs_vf_and_standby_under_one_failover_master() {
     let pair = run.line("L2-FO-MASTER");
     let (master, primary, standby) = (kv(pair, "if"), kv(pair, "primary"), kv(pair, "standby"));
     assert!(standby.is_some_and(|s| s != "-"), "no standby under the master: {pair}");
-    let ifs: Vec<&&str> = run.lines.iter().filter(|l| l.starts_with("L2-FO-IF")).collect();
+    let ifs: Vec<&String> = run.lines.iter().filter(|l| l.starts_with("L2-FO-IF")).collect();
     let of = |name: Option<&str>| {
         ifs.iter().find(|l| kv(l, "if") == name).unwrap_or_else(|| panic!("no interface {name:?}: {ifs:?}"))
     };
@@ -159,4 +159,11 @@ fn when_the_host_takes_the_vf_away_tandem_unplugs_it_and_the_standby_carries_on(
     eprintln!("VF taken away by the host under 10 ms pings: {ping}");
     assert!(num(ping, "received") * 10 >= num(ping, "sent") * 8, "traffic did not continue: {ping}");
     assert!(run.lines.iter().any(|l| l.contains("the host wants the device back")), "{}", run.console());
+}
+
+#[test]
+fn the_guest_kept_running_throughout() {
+    let bed = bed();
+    let why = bed_fault(&bed.text).map(|f| format!(" in every run: {f}")).unwrap_or_default();
+    assert!(!bed.text.contains("L1-SW-GUEST-STOPPED"), "the guest stopped{why}\n{}", bed.tail(200));
 }

@@ -26,7 +26,7 @@ fn guest_sees_the_devices_through_acpi_mmconfig_and_msix() {
     for bad in ["not using MMCONFIG", "PCI: Fatal"] {
         assert!(!run.lines.iter().any(|l| l.contains(bad)), "{bad:?} in the guest log:\n{}", run.console());
     }
-    let pci: Vec<&&str> = run.lines.iter().filter(|l| l.starts_with("L2-PCI ")).collect();
+    let pci: Vec<&String> = run.lines.iter().filter(|l| l.starts_with("L2-PCI ")).collect();
     let net = pci.iter().find(|l| l.contains("virtio=virtio_net")).expect("virtio-net in the guest's PCI list");
     let blk = pci.iter().filter(|l| l.contains("virtio=virtio_blk")).count();
     assert_eq!(blk, 5, "five disks: {pci:?}");

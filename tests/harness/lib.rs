@@ -114,14 +114,36 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     bed
 }
 
+/// As [`run_bed`], run again (at most `attempts` runs in all) while the log shows the bed's
+/// own fault: a guest stuck because the emulated CPU took an interrupt with interrupts
+/// disabled, which scenarios diagnose with `vm_bed_fault` (resources/bed/lib.sh) and
+/// report as `L1-BED-FAULT` lines. Any other failure is the test's to judge.
+pub fn run_bed_retrying(name: &str, scenario: &Path, opts: &BedOptions, attempts: u32) -> BedLog {
+    let mut attempt = 1;
+    loop {
+        let bed = run_bed(name, scenario, opts);
+        let Some(fault) = bed_fault(&bed.text) else { return bed };
+        eprintln!("bed {name}, run {attempt} of at most {attempts}: the bed's fault, {fault} (log {})", bed.path.display());
+        if attempt >= attempts {
+            return bed;
+        }
+        attempt += 1;
+    }
+}
+
+/// The first `L1-BED-FAULT` line of a log.
+pub fn bed_fault(text: &str) -> Option<&str> {
+    text.lines().find(|l| l.starts_with("L1-BED-FAULT"))
+}
+
 pub struct BedLog {
     pub text: String,
     pub path: PathBuf,
 }
 
-pub struct Run<'a> {
+pub struct Run {
     pub name: String,
-    pub lines: Vec<&'a str>,
+    pub lines: Vec<String>,
     /// tandem's exit status, None when the run never ended (L1 timed out or crashed).
     pub rc: Option<i32>,
 }
@@ -133,7 +155,7 @@ impl BedLog {
     }
 
     /// The console lines of the run named `name`.
-    pub fn run(&self, name: &str) -> Run<'_> {
+    pub fn run(&self, name: &str) -> Run {
         let begin = format!("RUN-BEGIN {name}");
         let end = format!("RUN-END {name} ");
         let mut lines = Vec::new();
@@ -150,11 +172,11 @@ impl BedLog {
             }
         }
         assert!(inside, "run {name} never started; log {}:\n{}", self.path.display(), self.tail(40));
-        Run { name: name.to_string(), lines, rc }
+        Run { name: name.to_string(), lines: untangle(&lines), rc }
     }
 }
 
-impl Run<'_> {
+impl Run {
     /// The first line containing `marker`, or a failure that shows the run's console.
     pub fn line(&self, marker: &str) -> &str {
         match self.lines.iter().find(|l| l.contains(marker)) {
@@ -167,6 +189,28 @@ impl Run<'_> {
         let n = self.lines.len();
         self.lines[n.saturating_sub(80)..].join("\n")
     }
+}
+
+/// A run's lines with tandem's own messages taken out of the guest lines they landed in:
+/// the guest's serial console and tandem's stderr share the output, and a message can come
+/// between two bytes of a guest line (`run_console` in resources/bed/lib.sh does the same).
+fn untangle(lines: &[&str]) -> Vec<String> {
+    let mut out = Vec::with_capacity(lines.len());
+    let mut carry = String::new();
+    for line in lines {
+        let line = std::mem::take(&mut carry) + line;
+        match line.find("tandem: ") {
+            Some(at) if at > 0 => {
+                out.push(line[at..].to_string());
+                carry = line[..at].to_string();
+            }
+            _ => out.push(line),
+        }
+    }
+    if !carry.is_empty() {
+        out.push(carry);
+    }
+    out
 }
 
 /// The value of `key=value` in a whitespace-separated line.
@@ -192,5 +236,12 @@ mod tests {
         let b = bed.run("b");
         assert_eq!(b.rc, None);
         assert_eq!(b.lines, vec!["x"]);
+    }
+
+    #[test]
+    fn takes_tandem_messages_out_of_guest_lines() {
+        let lines = ["L2-ED", "L2-EDtandem: edu: removed (x)", "U-GONE n=5", "tandem: y", "end"];
+        assert_eq!(untangle(&lines[1..]), ["tandem: edu: removed (x)", "L2-EDU-GONE n=5", "tandem: y", "end"]);
+        assert_eq!(untangle(&["Atandem: m"]), ["tandem: m", "A"]);
     }
 }

@@ -84,8 +84,8 @@ ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
 # wait_lines TEXT N SECS: until the run's output has N lines with TEXT.
 wait_lines() {
   _i=0
-  while [ "$(grep -c "$1" /tmp/run-switch.log)" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
-  [ "$(grep -c "$1" /tmp/run-switch.log)" -ge "$2" ]
+  while [ "$(run_console switch | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
+  [ "$(run_console switch | grep -c "$1")" -ge "$2" ]
 }
 # ping_report MARKER LOG: busybox ping's answered seq numbers -> lost packets and the
 # longest run of them (x 10 ms, the interval).
@@ -95,8 +95,22 @@ ping_report() {
     END { printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
 }
 sb_rx() { ctl counters | tr -d '\n ' | sed -n 's/.*"sb0":{[^}]*"rx_packets":\([0-9]*\).*/\1/p'; }
-last_sw() { grep "^L2-SW " /tmp/run-switch.log | tail -n 1; }
+last_sw() { run_console switch | grep "^L2-SW " | tail -n 1; }
 if run_wait_for switch "L2-SW-READY" 300; then
+  # The guest prints an L2-SW line every half second: when they stop for 5 s, ask it where
+  # it is (vm_bed_fault ends the run; bed_failover.rs runs the bed again on the bed's fault).
+  ( prev=0 still=0
+    while [ -e /proc/$(cat /tmp/run-switch.pid) ]; do
+      sleep 1
+      c=$(run_console switch | grep -c "^L2-SW ")
+      if [ "$c" = "$prev" ]; then still=$((still + 1)); else still=0 prev=$c; fi
+      [ $still -ge 5 ] || continue
+      echo "L1-SW-GUEST-STOPPED lines=$c"
+      vm_stuck_report switch $SOCK
+      vm_bed_fault switch $SOCK
+      break
+    done ) &
+  WATCH=$!
   echo "L1-SW-INFO-START $(ctl info | tr -d '\n ')"
   ping -i 0.01 10.98.0.3 > /tmp/ping.log 2>&1 &
   PING=$!
@@ -159,6 +173,7 @@ if run_wait_for switch "L2-SW-READY" 300; then
   echo "L1-GONE-AFTER sb0_rx=$(sb_rx) $(last_sw) numvfs=$(cat /sys/class/net/$PF/device/sriov_numvfs) info=$(ctl info | tr -d '\n ')"
   kill -INT $PING; wait $PING
   ping_report L1-GONE-PING /tmp/ping3.log
+  kill $WATCH 2> /dev/null; wait $WATCH 2> /dev/null
   ctl shutdown > /dev/null
 else
   vm_stuck_report switch $SOCK

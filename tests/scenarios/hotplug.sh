@@ -3,8 +3,12 @@
 # CYCLES times. Each cycle the guest sees the device arrive (acpiphp), reads its BAR, and
 # lets it go; L1 records Tandem's resource counters and open fds after every unplug, so a
 # leak of GSIs, memory slots, DMA mappings or fds shows as a count that grows.
+# A guest that stops is asked where it is (vm_bed_fault); when that shows the bed's own
+# fault (an interrupt taken with interrupts disabled) the cycle is retried in a fresh VM,
+# at most MAX_FAULTS times, and counts start again for that VM.
 . /lib/bed.sh
 CYCLES=${CYCLES:-20}
+MAX_FAULTS=${MAX_FAULTS:-3}
 EDU=-
 for d in /sys/bus/pci/devices/*; do
   [ "$(cat "$d/vendor"):$(cat "$d/device")" = 0x1234:0x11e8 ] && EDU=${d##*/}
@@ -38,34 +42,50 @@ sleep 600
 L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 SOCK=/tmp/hp.sock
-run_bg hp $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --api-socket $SOCK \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-PID=$(cat /tmp/run-hp.pid)
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
 wait_lines() {
   _i=0
-  while [ "$(grep -c "$1" /tmp/run-hp.log)" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
-  [ "$(grep -c "$1" /tmp/run-hp.log)" -ge "$2" ]
+  while [ "$(run_console $R | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
+  [ "$(run_console $R | grep -c "$1")" -ge "$2" ]
 }
 resources() { ctl counters | tr -d '\n ' | sed -n 's/.*"resources":{\([^}]*\)}.*/\1/p' | tr -d '"' | tr ',:' ' ='; }
 fds() { ls /proc/$PID/fd | wc -l; }
-if run_wait_for hp "L2-HOTPLUG-READY" 300; then
-  echo "L1-HP-START $(resources) fds=$(fds)"
-  k=0
+driver() { basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null; }
+vm=0
+vm_start() {
+  vm=$((vm + 1)); R=hp$vm; j=0
+  run_bg $R $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --api-socket $SOCK \
+    --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  PID=$(cat /tmp/run-$R.pid)
+  run_wait_for $R "L2-HOTPLUG-READY" 300 || { vm_stuck_report $R $SOCK; run_end $R; return 1; }
+  echo "L1-HP-START vm=$vm $(resources) fds=$(fds)"
+}
+# stuck WHAT : the guest stopped; 0 when it was the bed's fault and a fresh VM is up.
+stuck() {
+  echo "L1-HP-$1 vm=$vm n=$k"
+  vm_stuck_report $R $SOCK
+  vm_bed_fault $R $SOCK || return 1
+  faults=$((faults + 1))
+  run_end $R
+  [ $faults -le "$MAX_FAULTS" ] || { echo "L1-HP-TOO-MANY-FAULTS faults=$faults"; return 1; }
+  echo "L1-HP-RESTART vm=$((vm + 1)) after=$k faults=$faults"
+  vm_start
+}
+k=0; faults=0; ended=no
+if vm_start; then
   while [ $k -lt "$CYCLES" ]; do
-    k=$((k + 1))
+    n=$((k + 1))
     out=$(ctl device-add "device=path=/sys/bus/pci/devices/$EDU,id=edu" 2>&1) \
-      || { echo "L1-HP-ADD-FAILED n=$k $(echo "$out" | tr -d '\n')"; break; }
-    wait_lines "L2-EDU-UP" $k 60 || { echo "L1-HP-NOT-SEEN n=$k"; vm_stuck_report hp $SOCK; break; }
-    echo "L1-HP-IN n=$k $(resources) fds=$(fds) driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver)")"
-    out=$(ctl device-remove edu 2>&1) || { echo "L1-HP-REMOVE-FAILED n=$k $(echo "$out" | tr -d '\n')"; break; }
-    wait_lines "L2-EDU-GONE" $k 60 || { echo "L1-HP-NOT-GONE n=$k"; break; }
-    echo "L1-HP-OUT n=$k $(resources) fds=$(fds) driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null) said=$(echo "$out" | tr -d '\n' | tr ' ' _)"
+      || { echo "L1-HP-ADD-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
+    if ! wait_lines "L2-EDU-UP" $((j + 1)) 60; then stuck NOT-SEEN && continue; break; fi
+    echo "L1-HP-IN vm=$vm n=$n $(resources) fds=$(fds) driver=$(driver)"
+    out=$(ctl device-remove edu 2>&1) || { echo "L1-HP-REMOVE-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
+    if ! wait_lines "L2-EDU-GONE" $((j + 1)) 60; then stuck NOT-GONE && continue; break; fi
+    j=$((j + 1)); k=$n
+    echo "L1-HP-OUT vm=$vm n=$k $(resources) fds=$(fds) driver=$(driver) said=$(echo "$out" | tr -d '\n' | tr ' ' _)"
   done
-  echo "L1-HP-END cycles=$k"
+  echo "L1-HP-END cycles=$k faults=$faults"
   ctl shutdown > /dev/null
-else
-  vm_stuck_report hp $SOCK
+  run_end $R
 fi
-run_end hp
-echo "L1-AFTER-HP driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null)"
+echo "L1-AFTER-HP driver=$(driver)"
