@@ -247,7 +247,7 @@ vm_stuck_report() {
 }
 
 # vm_bed_fault NAME SOCKET : where a stopped guest is, from its own stack dump. The bed has
-# a fault of its own, measured: now and then (about one hot-plug in 20) the vCPU that L1's
+# a fault of its own, measured: now and then (one hot-plug in 10 to 20) the vCPU that L1's
 # KVM runs on QEMU's emulated SVM takes an interrupt while the guest has interrupts
 # disabled, nested in a handler that holds a lock (seen: the timer interrupt inside the
 # timer interrupt, spinning on the timekeeping seqcount it holds itself). Neither tandem nor

@@ -4,8 +4,10 @@
 # lets it go; L1 records Tandem's resource counters and open fds after every unplug, so a
 # leak of GSIs, memory slots, DMA mappings or fds shows as a count that grows.
 # A guest that stops is asked where it is (vm_bed_fault); when that shows the bed's own
-# fault (an interrupt taken with interrupts disabled) the cycle is retried in a fresh VM,
-# at most MAX_FAULTS times, and counts start again for that VM.
+# fault (an interrupt taken with interrupts disabled), or the guest died (tandem ended the
+# run: a triple fault, a guest panic), the cycle is retried in a fresh VM, at most
+# MAX_FAULTS times in all, and counts start again for that VM. A guest stuck without the
+# bed's signature ends the scenario.
 . /lib/bed.sh
 CYCLES=${CYCLES:-20}
 MAX_FAULTS=${MAX_FAULTS:-3}
@@ -45,12 +47,13 @@ SOCK=/tmp/hp.sock
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
 wait_lines() {
   _i=0
-  while [ "$(run_console $R | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
+  while [ "$(run_console $R | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ] && ! ended; do sleep 0.1; _i=$((_i + 1)); done
   [ "$(run_console $R | grep -c "$1")" -ge "$2" ]
 }
 resources() { ctl counters | tr -d '\n ' | sed -n 's/.*"resources":{\([^}]*\)}.*/\1/p' | tr -d '"' | tr ',:' ' ='; }
 fds() { ls /proc/$PID/fd | wc -l; }
 driver() { basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null; }
+ended() { [ -s /tmp/run-$R.rc ]; }
 vm=0
 vm_start() {
   vm=$((vm + 1)); R=hp$vm; j=0
@@ -63,8 +66,13 @@ vm_start() {
 # stuck WHAT : the guest stopped; 0 when it was the bed's fault and a fresh VM is up.
 stuck() {
   echo "L1-HP-$1 vm=$vm n=$k"
-  vm_stuck_report $R $SOCK
-  vm_bed_fault $R $SOCK || return 1
+  if ended; then
+    why=$(run_console $R | grep "^tandem: " | tail -n 1)
+    echo "L1-HP-GUEST-DIED vm=$vm rc=$(cat /tmp/run-$R.rc) driver=$(driver) said=$(echo "$why" | tr ' ' _)"
+  else
+    vm_stuck_report $R $SOCK
+    vm_bed_fault $R $SOCK || return 1
+  fi
   faults=$((faults + 1))
   run_end $R
   [ $faults -le "$MAX_FAULTS" ] || { echo "L1-HP-TOO-MANY-FAULTS faults=$faults"; return 1; }
@@ -76,10 +84,10 @@ if vm_start; then
   while [ $k -lt "$CYCLES" ]; do
     n=$((k + 1))
     out=$(ctl device-add "device=path=/sys/bus/pci/devices/$EDU,id=edu" 2>&1) \
-      || { echo "L1-HP-ADD-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
+      || { ended && stuck ADD-ENDED && continue; echo "L1-HP-ADD-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
     if ! wait_lines "L2-EDU-UP" $((j + 1)) 60; then stuck NOT-SEEN && continue; break; fi
     echo "L1-HP-IN vm=$vm n=$n $(resources) fds=$(fds) driver=$(driver)"
-    out=$(ctl device-remove edu 2>&1) || { echo "L1-HP-REMOVE-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
+    out=$(ctl device-remove edu 2>&1) || { ended && stuck REMOVE-ENDED && continue; echo "L1-HP-REMOVE-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
     if ! wait_lines "L2-EDU-GONE" $((j + 1)) 60; then stuck NOT-GONE && continue; break; fi
     j=$((j + 1)); k=$n
     echo "L1-HP-OUT vm=$vm n=$k $(resources) fds=$(fds) driver=$(driver) said=$(echo "$out" | tr -d '\n' | tr ' ' _)"
