@@ -48,8 +48,9 @@ L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4 unknown_nmi_panic=1"   L2_SCRIPT_C
 #   run_signal NAME [SIG]           sends SIG (default TERM) to the run's command
 #   run_end NAME                    waits for it, prints RUN-BEGIN, its output, RUN-END;
 #                                   returns its status
-#   run_console NAME                the run's output so far, tandem's own messages taken out
-#                                   of the guest lines they landed in (see below)
+#   run_console NAME [all]          the run's output so far, tandem's own messages taken out
+#                                   of the guest lines they landed in, without a last line
+#                                   still being written unless "all" (see below)
 #   vm_stuck_report NAME [SOCKET]   "L1-STUCK ..." lines on a run whose guest stopped: its
 #                                   threads' states, exit counters, KVM's exits (see below)
 #   vm_bed_fault NAME SOCKET        NMIs that guest for its stacks ("L1-BT ..." lines; the
@@ -176,13 +177,19 @@ run_bg() {
 # run_console NAME : the guest's serial console and tandem's stderr share the run's log,
 # and tandem writes a whole message between two bytes of a guest line now and then
 # ("L2-ED" "tandem: edu: removed (...)\n" "U-GONE n=5\n"). Each message goes on its own
-# line here and the guest line is joined again.
+# line here and the guest line is joined again. A guest line still being written (no
+# newline yet) is left out.
 run_console() {
-  awk '{ if (carry != "") { $0 = carry $0; carry = "" }
-         p = index($0, "tandem: ")
-         if (p > 1) { carry = substr($0, 1, p - 1); print substr($0, p); next }
-         print }
-       END { if (carry != "") print carry }' "/tmp/run-$1.log" 2>/dev/null
+  # The guest may be halfway through a line: leave an unterminated last line out.
+  _partial=1
+  [ -z "$(tail -c 1 "/tmp/run-$1.log" 2>/dev/null)" ] || [ "${2:-}" = all ] && _partial=0
+  awk -v partial=$_partial '
+    function out(l) { if (held) print line; line = l; held = 1 }
+    { if (carry != "") { $0 = carry $0; carry = "" }
+      p = index($0, "tandem: ")
+      if (p > 1) { carry = substr($0, 1, p - 1); out(substr($0, p)); next }
+      out($0) }
+    END { if (carry != "") out(carry); if (held && !partial) print line }' "/tmp/run-$1.log" 2>/dev/null
 }
 
 run_wait_for() {
@@ -209,7 +216,7 @@ run_end() {
   while [ ! -s "/tmp/run-$_n.rc" ]; do sleep 0.2; done
   _rc=$(cat "/tmp/run-$_n.rc")
   echo "RUN-BEGIN $_n"
-  run_console "$_n"
+  run_console "$_n" all
   echo "RUN-END $_n rc=$_rc"
   return "$_rc"
 }

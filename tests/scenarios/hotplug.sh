@@ -79,7 +79,7 @@ stuck() {
   echo "L1-HP-RESTART vm=$((vm + 1)) after=$k faults=$faults"
   vm_start
 }
-k=0; faults=0; ended=no
+k=0; faults=0
 if vm_start; then
   while [ $k -lt "$CYCLES" ]; do
     n=$((k + 1))
