@@ -108,18 +108,10 @@ impl VmStopper {
             return Err(RunError::AlreadyPaused);
         }
         self.gate.close();
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            // A kick that lands between two KVM_RUNs is lost: repeat until all parked.
-            let live = self.kick_all();
-            if self.gate.wait_parked(live, Duration::from_millis(2)) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline || self.latch.is_set() {
-                self.gate.open();
-                return Err(RunError::PauseTimeout { parked: self.gate.parked(), vcpus: live });
-            }
-        }
+        self.kick_until(|live| self.gate.wait_parked(live, Duration::from_millis(2))).map_err(|live| {
+            self.gate.open();
+            RunError::PauseTimeout { parked: self.gate.parked(), vcpus: live }
+        })
     }
 
     /// Injects an NMI into every vCPU. A paused VM gets it when it resumes.
@@ -131,15 +123,22 @@ impl VmStopper {
         if self.gate.is_closed() {
             return Ok(());
         }
+        self.kick_until(|live| self.gate.wait_nmi(live, Duration::from_millis(2)))
+            .map_err(|live| RunError::NmiTimeout { vcpus: live })
+    }
+
+    /// Kicks the vCPUs out of KVM_RUN until `acknowledged(live vCPUs)` says all did what
+    /// was asked, for 5 s at most (or until the VM ends); `Err` carries the live count.
+    /// A kick that lands between two KVM_RUNs is lost, hence the repeats.
+    fn kick_until(&self, acknowledged: impl Fn(usize) -> bool) -> Result<(), usize> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            // As for pause: a kick between two KVM_RUNs is lost, so repeat it.
             let live = self.kick_all();
-            if self.gate.wait_nmi(live, Duration::from_millis(2)) {
+            if acknowledged(live) {
                 return Ok(());
             }
             if Instant::now() >= deadline || self.latch.is_set() {
-                return Err(RunError::NmiTimeout { vcpus: live });
+                return Err(live);
             }
         }
     }

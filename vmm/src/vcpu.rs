@@ -260,16 +260,24 @@ impl PauseGate {
 
     /// Waits up to `timeout` for `count` vCPUs to inject the latest NMI.
     pub fn wait_nmi(&self, count: usize, timeout: std::time::Duration) -> bool {
+        self.wait_for(timeout, |st| (st.nmi_acks >= count).then_some(true))
+    }
+
+    /// Waits up to `timeout` until `outcome` of the state is decided (`Some`); false if
+    /// it never is.
+    fn wait_for(&self, timeout: std::time::Duration, outcome: impl Fn(&GateState) -> Option<bool>) -> bool {
         let deadline = std::time::Instant::now() + timeout;
         let mut st = self.lock();
-        while st.nmi_acks < count {
+        loop {
+            if let Some(done) = outcome(&st) {
+                return done;
+            }
             let now = std::time::Instant::now();
             if now >= deadline {
                 return false;
             }
             st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
         }
-        true
     }
 
     /// Asks vCPUs to park; they do at their next pass through the loop (see `parked`).
@@ -294,16 +302,15 @@ impl PauseGate {
 
     /// Waits up to `timeout` for `count` vCPUs to park; returns whether they did.
     pub fn wait_parked(&self, count: usize, timeout: std::time::Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        let mut st = self.lock();
-        while st.parked < count {
-            let now = std::time::Instant::now();
-            if now >= deadline || !st.paused {
-                return false;
+        self.wait_for(timeout, |st| {
+            if st.parked >= count {
+                Some(true)
+            } else if !st.paused {
+                Some(false)
+            } else {
+                None
             }
-            st = self.changed.wait_timeout(st, deadline - now).unwrap_or_else(|e| e.into_inner()).0;
-        }
-        true
+        })
     }
 }
 

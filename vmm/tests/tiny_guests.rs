@@ -93,6 +93,15 @@ fn with_watchdog(running: RunningVm) -> RunningVm {
     running
 }
 
+/// Waits (5 s at most) for the guest's 'W': it has set up and waits for what the test sends.
+fn wait_until_ready(serial: &Sink) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !serial.bytes().contains(&b'W') {
+        assert!(Instant::now() < deadline, "guest never got ready; serial: {:?}", serial.bytes());
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
 #[test]
 fn real_mode_guest_does_port_io_mmio_and_ioeventfd() {
     // mov dx,0x3f8; mov al,'R'; out dx,al; mov al,'M'; out dx,al
@@ -191,11 +200,7 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
         RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !serial.bytes().contains(&b'W') {
-        assert!(Instant::now() < deadline, "guest never got ready; serial: {:?}", serial.bytes());
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until_ready(&serial);
     assert_eq!(serial.bytes(), b"W", "no interrupt before the irqfd fires");
     irq.write(1).unwrap();
     let exit = running.wait().unwrap();
@@ -221,11 +226,7 @@ fn an_nmi_reaches_a_guest_spinning_with_interrupts_off() {
         RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
             .unwrap(),
     );
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !serial.bytes().contains(&b'W') {
-        assert!(Instant::now() < deadline, "guest never got ready; serial: {:?}", serial.bytes());
-        std::thread::sleep(Duration::from_millis(1));
-    }
+    wait_until_ready(&serial);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(serial.bytes(), b"W", "nothing runs the handler before the NMI");
     running.stopper().inject_nmi().unwrap();
