@@ -45,6 +45,9 @@ L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4 unknown_nmi_panic=1"   L2_SCRIPT_C
 #   run_wait_for NAME REGEX [SECS]  waits (default 120 s) until that output has a line
 #                                   matching REGEX (grep -E); rc 1 if the run ended first or
 #                                   on timeout
+#   run_wait_count NAME TEXT N SECS waits until that output has N lines containing TEXT
+#                                   (grep, not -E); rc 1 if the run ended first or on timeout
+#   run_ended NAME                  rc 0 once the run's command has exited
 #   run_signal NAME [SIG]           sends SIG (default TERM) to the run's command
 #   run_end NAME                    waits for it, prints RUN-BEGIN, its output, RUN-END;
 #                                   returns its status
@@ -192,12 +195,22 @@ run_console() {
     END { if (carry != "") out(carry); if (held && !partial) print line }' "/tmp/run-$1.log" 2>/dev/null
 }
 
+run_ended() { [ -s "/tmp/run-$1.rc" ]; }
+
+run_wait_count() {
+  _i=0
+  while [ "$(run_console "$1" | grep -c "$2")" -lt "$3" ] && [ $_i -lt $(($4 * 10)) ] && ! run_ended "$1"; do
+    sleep 0.1; _i=$((_i + 1))
+  done
+  [ "$(run_console "$1" | grep -c "$2")" -ge "$3" ]
+}
+
 run_wait_for() {
   _n=$1 _re=$2 _t=${3:-120}
   _end=$(( $(date +%s) + _t ))
   while :; do
     run_console "$_n" | grep -qE "$_re" && return 0
-    if [ -s "/tmp/run-$_n.rc" ]; then
+    if run_ended "$_n"; then
       run_console "$_n" | grep -qE "$_re"
       return
     fi
@@ -213,7 +226,7 @@ run_signal() {
 run_end() {
   _n=$1
   wait "$(cat "/tmp/run-$_n.job")" 2>/dev/null
-  while [ ! -s "/tmp/run-$_n.rc" ]; do sleep 0.2; done
+  until run_ended "$_n"; do sleep 0.2; done
   _rc=$(cat "/tmp/run-$_n.rc")
   echo "RUN-BEGIN $_n"
   run_console "$_n" all

@@ -81,12 +81,6 @@ run_bg switch $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M -
   --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
   --disk path=/tmp/switch.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE tandem.modules=igbvf"
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
-# wait_lines TEXT N SECS: until the run's output has N lines with TEXT.
-wait_lines() {
-  _i=0
-  while [ "$(run_console switch | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ]; do sleep 0.1; _i=$((_i + 1)); done
-  [ "$(run_console switch | grep -c "$1")" -ge "$2" ]
-}
 # ping_report MARKER LOG: busybox ping's answered seq numbers -> lost packets and the
 # longest run of them (x 10 ms, the interval).
 ping_report() {
@@ -148,7 +142,7 @@ if run_wait_for switch "L2-SW-READY" 300; then
   sleep 3
   echo "L1-AUTO-DOWN sb0_rx=$(sb_rx) $(last_sw) info=$(ctl info | tr -d '\n ')"
   $IPROUTE link set "$PF" up
-  wait_lines "tandem: vf0: plugged into the guest" 3 60 && echo "L1-AUTO-REPLUGGED"
+  run_wait_count switch "tandem: vf0: plugged into the guest" 3 60 && echo "L1-AUTO-REPLUGGED"
   sleep 6
   a=$(last_sw); sleep 2; b=$(last_sw)
   echo "L1-AUTO-UP-A $a"

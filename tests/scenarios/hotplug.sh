@@ -45,15 +45,10 @@ L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 SOCK=/tmp/hp.sock
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
-wait_lines() {
-  _i=0
-  while [ "$(run_console $R | grep -c "$1")" -lt "$2" ] && [ $_i -lt $(($3 * 10)) ] && ! ended; do sleep 0.1; _i=$((_i + 1)); done
-  [ "$(run_console $R | grep -c "$1")" -ge "$2" ]
-}
 resources() { ctl counters | tr -d '\n ' | sed -n 's/.*"resources":{\([^}]*\)}.*/\1/p' | tr -d '"' | tr ',:' ' ='; }
 fds() { ls /proc/$PID/fd | wc -l; }
 driver() { basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null; }
-ended() { [ -s /tmp/run-$R.rc ]; }
+ended() { run_ended $R; }
 vm=0
 vm_start() {
   vm=$((vm + 1)); R=hp$vm; j=0
@@ -85,10 +80,10 @@ if vm_start; then
     n=$((k + 1))
     out=$(ctl device-add "device=path=/sys/bus/pci/devices/$EDU,id=edu" 2>&1) \
       || { ended && stuck ADD-ENDED && continue; echo "L1-HP-ADD-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
-    if ! wait_lines "L2-EDU-UP" $((j + 1)) 60; then stuck NOT-SEEN && continue; break; fi
+    if ! run_wait_count $R "L2-EDU-UP" $((j + 1)) 60; then stuck NOT-SEEN && continue; break; fi
     echo "L1-HP-IN vm=$vm n=$n $(resources) fds=$(fds) driver=$(driver)"
     out=$(ctl device-remove edu 2>&1) || { ended && stuck REMOVE-ENDED && continue; echo "L1-HP-REMOVE-FAILED n=$n $(echo "$out" | tr -d '\n')"; break; }
-    if ! wait_lines "L2-EDU-GONE" $((j + 1)) 60; then stuck NOT-GONE && continue; break; fi
+    if ! run_wait_count $R "L2-EDU-GONE" $((j + 1)) 60; then stuck NOT-GONE && continue; break; fi
     j=$((j + 1)); k=$n
     echo "L1-HP-OUT vm=$vm n=$k $(resources) fds=$(fds) driver=$(driver) said=$(echo "$out" | tr -d '\n' | tr ' ' _)"
   done
