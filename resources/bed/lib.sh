@@ -5,8 +5,9 @@
 # Variables (a scenario may set TANDEM and RUN_TIMEOUT before or after sourcing):
 #   L2_KERNEL=/l2/vmlinuz  L2_INITRD=/l2/initrd.gz (lean, for boot tests)
 #   L2_INITRD_TOOLS=/l2/initrd-tools.gz (+ iperf3 and blkbench, for net/disk tests)
-#   # unknown_nmi_panic: `tandem ctl nmi` makes a stuck guest print its stacks (vm_bed_fault).
-L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4 unknown_nmi_panic=1"   L2_SCRIPT_CMDLINE="$L2_CMDLINE tandem.action=script"
+#   L2_CMDLINE, L2_SCRIPT_CMDLINE    the guest's command line (the second runs a script disk)
+#   L2_NMI_DUMP                      append to a command line for vm_bed_fault: `tandem ctl nmi`
+#                                    then makes a stuck guest print its stacks
 #   IPROUTE=/sbin/ip  iproute2's ip. Call it by that path: Debian's static busybox sh runs its
 #                     own applet for a bare `ip` (and nc, dd, ...) whatever PATH says
 #   TANDEM (default: tandem)  the VMM run_tandem starts
@@ -77,8 +78,10 @@ L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4 unknown_nmi_panic=1"   L2_SCRIPT_C
 L2_KERNEL=/l2/vmlinuz
 L2_INITRD=/l2/initrd.gz
 L2_INITRD_TOOLS=/l2/initrd-tools.gz
-# unknown_nmi_panic: `tandem ctl nmi` makes a stuck guest print its stacks (vm_bed_fault).
-L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4 unknown_nmi_panic=1"
+L2_CMDLINE="console=ttyS0 panic=-1 loglevel=4"
+# Only where a scenario watches for stuck guests: an NMI that nobody claims then panics the
+# guest with its stacks on the console instead of being ignored.
+L2_NMI_DUMP="unknown_nmi_panic=1"
 L2_SCRIPT_CMDLINE="$L2_CMDLINE tandem.action=script"
 IPROUTE=/sbin/ip
 TANDEM=${TANDEM:-tandem}

@@ -37,7 +37,7 @@ L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 run_tandem failover --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE tandem.modules=igbvf"
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP tandem.modules=igbvf"
 echo "L1-AFTER-FAILOVER $(vf_state "$PF" 0)"
 tap_down tfo
 
@@ -79,7 +79,7 @@ L2
 mkscript_disk /tmp/switch.img /tmp/switch.sh
 run_bg switch $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M --api-socket $SOCK \
   --net tap=tfo,id=sb0,standby=on --vf "pf=$PF,index=0,create=on,failover=sb0,id=vf0" \
-  --disk path=/tmp/switch.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE tandem.modules=igbvf"
+  --disk path=/tmp/switch.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP tandem.modules=igbvf"
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
 # ping_report MARKER LOG: busybox ping's answered seq numbers -> lost packets and the
 # longest run of them (x 10 ms, the interval).

@@ -53,7 +53,7 @@ vm=0
 vm_start() {
   vm=$((vm + 1)); R=hp$vm; j=0
   run_bg $R $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --api-socket $SOCK \
-    --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+    --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
   PID=$(cat /tmp/run-$R.pid)
   run_wait_for $R "L2-HOTPLUG-READY" 300 || { vm_stuck_report $R $SOCK; run_end $R; return 1; }
   echo "L1-HP-START vm=$vm $(resources) fds=$(fds)"

@@ -32,6 +32,7 @@ L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 
 tcp_recv 5001 7 > /tmp/l1-recv.log 2>&1 &
+RECV=$!
 run_bg virtio $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD_TOOLS --memory 512M --cpus 2 \
   --net tap=tnet0,mac=02:00:00:00:77:02,id=nic0,queues=2 \
   --disk path=/tmp/data.img,id=data --disk path=/tmp/fromhost.img,id=fromhost \
@@ -45,6 +46,8 @@ for fd in /proc/$(cat /tmp/run-virtio.pid)/fd/*; do
   [ "$(readlink "$fd")" = "$DIRECT_DEV" ] && echo "L1-DIRECT-FD flags=$(awk '/^flags:/ { print $2 }' "/proc/$(cat /tmp/run-virtio.pid)/fdinfo/${fd##*/}")"
 done
 run_end virtio
+# A guest that died before sending leaves the receiver listening: it would wait forever.
+kill $RECV 2>/dev/null && echo "L1-RECV-ABANDONED"
 wait
 sed 's/^/L1-/' /tmp/l1-recv.log
 blkbench pattern verify /tmp/data.img 0 33554432 3 | sed 's/^/L1-DATA /'
