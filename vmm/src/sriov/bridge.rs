@@ -261,11 +261,16 @@ pub(crate) mod tests {
 
             let nl = RtNetlink;
             let mac = [2, 0x54, 0, 0x12, 0x34, 0x56];
-            // EPERM until the port has carrier and the bridge has made it forwarding.
-            testns::wait_for(Duration::from_secs(5), || match nl.point(&port0, mac) {
-                Err(FdbError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => Ok(None),
-                other => other.map(Some).map_err(Into::into),
-            })?;
+            // EPERM until a port has carrier and the bridge has made it forwarding, which
+            // each port reaches in its own time: tp1 first, then the entry moves to tp0.
+            let point_when_forwarding = |port: &BridgePort| {
+                testns::wait_for(Duration::from_secs(5), || match nl.point(port, mac) {
+                    Err(FdbError::Refused { source, .. }) if source.raw_os_error() == Some(libc::EPERM) => Ok(None),
+                    other => other.map(Some).map_err(Into::into),
+                })
+            };
+            point_when_forwarding(&port1)?;
+            point_when_forwarding(&port0)?;
             let got = entries(mac)?;
             assert!(!got.is_empty());
             for m in &got {
