@@ -6,7 +6,12 @@
  * prints its events there, so pings, replies and L1's events share one clock.
  * resources/bench/failover.sh builds it (gcc on L0, not part of any image).
  *
- *   pingmon -l LOG -d ADDR -o OUT [-i INTERVAL_MS] [-t MAX_S]
+ *   pingmon -l LOG -d ADDR -o OUT [-i INTERVAL_MS] [-t MAX_S] [-p PORT]
+ *
+ * With -p, a slow TCP stream rides along with the pings: at each "PINGMON on" pingmon
+ * connects to ADDR:PORT and writes CHUNK (512) bytes with every ping while the socket takes
+ * them; at "PINGMON off" it closes its side and waits (20 s at most) for the peer to close
+ * too. A stream that survives a failover ends with err=0 and the peer counting every byte.
  *
  * LOG lines that steer it (anywhere in the line; \r is stripped):
  *   PINGMON on         send ICMP echo requests to ADDR every INTERVAL_MS (default 10) from now
@@ -21,6 +26,9 @@
  *   L <t> <line>                a line of LOG, stamped when pingmon read it (LOG is read
  *                               every <= 2 ms, so a line is stamped within ~2 ms of QEMU
  *                               writing it)
+ *   T connect <t> | T closed <t> | T err=<errno> <t>   the TCP stream's events (-p)
+ *   TCP sent=<bytes> err=<first errno, 0: none> closed=<1: the peer closed cleanly>
+ *                              one stream's outcome, when it has ended (or at the END)
  *   END sent=<n> received=<n> dups=<n> duration_ms=<ms>
  * The request's payload holds the 32-bit sequence number and a magic word; the ICMP id is
  * the low 16 bits of pingmon's pid: replies to anyone else's pings are ignored. A schedule
@@ -47,6 +55,7 @@
 
 #define MAGIC 0x504d4f4eu /* "PMON" */
 #define PAYLOAD 56        /* like ping(8): 64-byte ICMP messages */
+#define CHUNK 512         /* TCP bytes per ping: ~50 KB/s at 10 ms, little next to the pings */
 
 static volatile sig_atomic_t stop_signal;
 static double t_start;
@@ -175,8 +184,77 @@ static void take_replies(void) {
   }
 }
 
+/* ---- the TCP stream (-p) ---- */
+static int tcp_port, tcp = -1, tcp_err, tcp_closed;
+static enum { TCP_IDLE, TCP_STREAMING, TCP_DRAINING } tcp_state;
+static double tcp_shut_at;
+static unsigned long long tcp_sent;
+
+static void tcp_fail(int err) {
+  if (!tcp_err) tcp_err = err;
+  fprintf(out, "T err=%d %.3f\n", err, now());
+  if (tcp >= 0) close(tcp);
+  tcp = -1;
+}
+
+static void tcp_report(void) {
+  if (tcp_state == TCP_IDLE) return;
+  if (tcp >= 0) close(tcp);
+  tcp = -1;
+  fprintf(out, "TCP sent=%llu err=%d closed=%d\n", tcp_sent, tcp_err, tcp_closed);
+  tcp_state = TCP_IDLE;
+}
+
+static void tcp_open(void) {
+  struct sockaddr_in a = dst;
+  a.sin_port = htons((uint16_t)tcp_port);
+  tcp_sent = 0, tcp_err = 0, tcp_closed = 0;
+  tcp_state = TCP_STREAMING;
+  tcp = socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+  if (tcp < 0) tcp_fail(errno);
+  else if (connect(tcp, (struct sockaddr *)&a, sizeof a) < 0 && errno != EINPROGRESS) tcp_fail(errno);
+  else fprintf(out, "T connect %.3f\n", now());
+}
+
+/* One chunk, if the socket takes it now (a stream held up by the failover just waits). */
+static void tcp_send(void) {
+  static char chunk[CHUNK];
+  if (tcp < 0 || tcp_state != TCP_STREAMING) return;
+  ssize_t n = send(tcp, chunk, sizeof chunk, MSG_DONTWAIT | MSG_NOSIGNAL);
+  if (n > 0) tcp_sent += (unsigned long long)n;
+  else if (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != ENOTCONN) tcp_fail(errno);
+}
+
+static void tcp_shut(double t) {
+  if (tcp_state != TCP_STREAMING) return;
+  if (tcp >= 0) shutdown(tcp, SHUT_WR);
+  tcp_state = TCP_DRAINING;
+  tcp_shut_at = t;
+}
+
+/* Our side closed: read until the peer closes (0) or resets the stream, 20 s at most. */
+static void tcp_drain(double t) {
+  char buf[256];
+  if (tcp_state != TCP_DRAINING) return;
+  if (tcp >= 0) {
+    ssize_t n = recv(tcp, buf, sizeof buf, MSG_DONTWAIT);
+    if (n == 0) {
+      tcp_closed = 1;
+      fprintf(out, "T closed %.3f\n", now());
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+      if (t - tcp_shut_at <= 20000) return;
+      tcp_fail(ETIMEDOUT);
+    } else if (n < 0) {
+      tcp_fail(errno);
+    } else {
+      return; /* the peer said something: keep reading */
+    }
+  }
+  tcp_report();
+}
+
 static void usage(void) {
-  fprintf(stderr, "usage: pingmon -l LOG -d ADDR -o OUT [-i INTERVAL_MS] [-t MAX_S]\n");
+  fprintf(stderr, "usage: pingmon -l LOG -d ADDR -o OUT [-i INTERVAL_MS] [-t MAX_S] [-p PORT]\n");
   exit(1);
 }
 
@@ -184,17 +262,20 @@ int main(int argc, char **argv) {
   const char *addr = NULL, *out_path = NULL;
   double interval = 10, max_s = 3600;
   int c;
-  while ((c = getopt(argc, argv, "l:d:o:i:t:")) != -1) {
+  while ((c = getopt(argc, argv, "l:d:o:i:t:p:")) != -1) {
     switch (c) {
       case 'l': log_path = optarg; break;
       case 'd': addr = optarg; break;
       case 'o': out_path = optarg; break;
       case 'i': interval = atof(optarg); break;
       case 't': max_s = atof(optarg); break;
+      case 'p': tcp_port = atoi(optarg); break;
       default: usage();
     }
   }
-  if (!log_path || !addr || !out_path || optind != argc || interval < 1 || max_s <= 0) usage();
+  if (!log_path || !addr || !out_path || optind != argc || interval < 1 || max_s <= 0 || tcp_port < 0 ||
+      tcp_port > 65535)
+    usage();
   dst.sin_family = AF_INET;
   if (inet_pton(AF_INET, addr, &dst.sin_addr) != 1) {
     fprintf(stderr, "pingmon: %s is not an IPv4 address\n", addr);
@@ -223,13 +304,17 @@ int main(int argc, char **argv) {
     if (t > max_s * 1000) break;
     if (scenario_over && t >= over_at) break;
     if (pinging) {
+      if (tcp_port && tcp_state == TCP_IDLE) tcp_open();
       if (next == 0 || next < t - 5 * interval) next = t;
       if (t >= next) {
         send_one();
+        tcp_send();
         next += interval;
       }
     } else {
       next = 0;
+      tcp_shut(t);
+      tcp_drain(t);
     }
     double wait = pinging ? next - now() : 2;
     if (wait > 2) wait = 2;
@@ -246,6 +331,7 @@ int main(int argc, char **argv) {
   take_replies();
   follow_log();
   if (line_len) log_line();
+  tcp_report();
   fprintf(out, "END sent=%u received=%lu dups=%lu duration_ms=%.0f\n", seq, received, dups, now());
   fclose(out);
   return 0;

@@ -38,13 +38,21 @@
 #   also: unplug_cmd_ms (U -> the unplug returned; QEMU: DEVICE_DELETED and the MAC cleared),
 #   eject_ms (U -> the guest's VF netdev gone), replug_cmd_ms (P -> the re-plug returned),
 #   replies_before (replies in the 3 s before U: the path worked).
+#   tcp               the slow TCP stream L0 sends the guest along with the pings (pingmon -p:
+#                     512 bytes a ping, from "PINGMON on" to "PINGMON off", across both
+#                     transitions): ok (every byte arrived, both sides closed cleanly),
+#                     reset (the stream was reset: ECONNRESET/EPIPE), or what went wrong
+#                     (err=<errno>, short=<guest bytes>/<sent>, none: no record)
 # Under TCG every figure is slow in absolute terms; both VMMs get the same bed and guest.
 # Output: per round and VMM
 #   BENCH vmm=<tandem|qemu> run=<i> outage_ms= lost= return_ms= replug_outage_ms= replug_lost= ... rc=<0 ok>
-# then the medians over the rounds, the last line being
+# then the medians over the rounds (and the TCP streams reset, summed), the last line being
 #   outage_ms=<tandem> qemu_outage_ms=<qemu> lost=<tandem> qemu_lost=<qemu> return_ms=<tandem>
-# (the line before it: qemu_return_ms, and both VMMs' replug_outage_ms, replug_lost, unplug_cmd_ms).
-# Dies (after the BENCH lines) unless every round measured every VMM it ran.
+# (the line before it: qemu_return_ms, and both VMMs' replug_outage_ms, replug_lost, unplug_cmd_ms,
+# tcp_resets).
+# Dies (after the BENCH lines) unless every round measured every VMM it ran. A guest that
+# never got ready (it hung in the bed before anything was measured) is booted once more,
+# as run=<round>.2; the failed attempt keeps its rc=1 line.
 # ~45 s per scenario (two a round) and ~10 s for L1's boot: 3 rounds take ~5 minutes.
 #
 # TANDEM_BIN=PATH uses that binary instead of building the release one.
@@ -63,14 +71,18 @@ fo_analyse() {
   awk '
   $1 == "S" { st[$2] = $3 + 0; if ($2 + 0 > maxs) maxs = $2 + 0; next }
   $1 == "R" { rt[$2] = $3 + 0; next }
+  $1 == "TCP" { tcp[cur] = $0; next }   # the stream of the scenario running (see pingmon.c)
   $1 == "L" && $3 == "FOEV" {
-    k = substr($4, 5) " " substr($5, 5); e = substr($6, 4)
+    k = substr($4, 5) " " substr($5, 5); e = substr($6, 4); cur = k
     if (!(k in seen)) { seen[k] = 1; keys[++nk] = k }
     if (!((k, e) in ev)) ev[k, e] = $2 + 0
     if ($7 ~ /^rc=/) evrc[k, e] = substr($7, 4)
     next
   }
-  $1 == "L" && $3 == "FOG" { k = substr($4, 5) " " substr($5, 5); g[k, $6, ++ng[k, $6]] = $2 + 0 }
+  $1 == "L" && $3 == "FOG" {
+    k = substr($4, 5) " " substr($5, 5); g[k, $6, ++ng[k, $6]] = $2 + 0
+    if ($6 == "tcp") gbytes[k] = substr($7, 7)
+  }
   # The longest interval between consecutive replies (in request order) over [a, b): from
   # the last reply to a request sent before a, through the replies to requests sent from a
   # on, to the first reply to one sent at or after b (requests sent at or after c do not
@@ -102,6 +114,19 @@ fo_analyse() {
     return -1
   }
   function ms(x) { return x < 0 ? "nan" : sprintf("%.0f", x) }
+  function kv2(rec, key,    a, j) {   # the value of key=value in record rec, "" if none
+    split(rec, a, " ")
+    for (j in a) if (index(a[j], key "=") == 1) return substr(a[j], length(key) + 2)
+    return ""
+  }
+  function tcp_outcome(k,    err, sent) {
+    if (!(k in tcp)) return "none"
+    err = kv2(tcp[k], "err"); sent = kv2(tcp[k], "sent")
+    if (err == 104 || err == 32) return "reset"
+    if (err != 0) return "err=" err
+    if (kv2(tcp[k], "closed") != 1 || gbytes[k] != sent) return "short=" gbytes[k] "/" sent
+    return "ok"
+  }
   END {
     for (n = 1; n <= nk; n++) {
       k = keys[n]; split(k, kv, " ")
@@ -117,8 +142,10 @@ fo_analyse() {
       if (before < 100 || ret < 0) ok = 0
       printf "BENCH vmm=%s run=%s outage_ms=%s lost=%d return_ms=%s replug_outage_ms=%s replug_lost=%d", \
         kv[1], kv[2], ms(gap(U, P, E)), unanswered(U, P), ms(ret), ms(gap(P, E, E)), unanswered(P, E)
-      printf " unplug_cmd_ms=%s eject_ms=%s replug_cmd_ms=%s replies_before=%d rc=%d\n", \
-        ms(ev[k, "unplugged"] - U), ms(gone < 0 ? -1 : gone - U), ms(ev[k, "replugged"] - P), before, ok ? 0 : 1
+      t = tcp_outcome(k)
+      printf " unplug_cmd_ms=%s eject_ms=%s replug_cmd_ms=%s replies_before=%d tcp=%s tcp_resets=%d rc=%d\n", \
+        ms(ev[k, "unplugged"] - U), ms(gone < 0 ? -1 : gone - U), ms(ev[k, "replugged"] - P), before, t, \
+        t == "reset", ok ? 0 : 1
     }
   }' "$1"
 }
@@ -147,6 +174,7 @@ else
   case " $VMMS " in *" tandem "*) bench_tandem; BIN=$TANDEM ;; esac
 
   GUEST=10.98.0.3   # the guest, on tap0's /24 in the bed's network namespace
+  TCP_PORT=5003     # where the guest listens for the TCP stream (failover-l1.sh)
   PINGMON=$CACHE/pingmon
   if ! up_to_date "$PINGMON" "$RES/bed/pingmon.c"; then
     gcc -O2 -Wall -o "$PINGMON" "$RES/bed/pingmon.c" || die "building pingmon failed"
@@ -157,7 +185,7 @@ else
   nv=$(wc -w <<< "$VMMS")
   tmo=$((RUNS * nv * 150 + 300))   # a scenario takes ~45 s; a hung one is cut off
   say "$RUNS rounds of a failover scenario per VMM ($VMMS), one guest at a time in one L1; L1 log: $LOG"
-  L1_NETNS_CMD="exec $(printf %q "$PINGMON") -l \"\$L1_LOG\" -d $GUEST -i 10 -t $tmo -o $(printf %q "$PINGS")" \
+  L1_NETNS_CMD="exec $(printf %q "$PINGMON") -l \"\$L1_LOG\" -d $GUEST -i 10 -p $TCP_PORT -t $tmo -o $(printf %q "$PINGS")" \
     "$RES/bed/run-l1.sh" --mem 3072 --iommu --igb --timeout "$tmo" \
     --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS tandem.fo_vmms=${VMMS// /,} tandem.fo_qemu_fdb=$QEMU_FDB tandem.scenario_timeout=$((tmo - 60))" \
     "$W/overlay.cpio" "$LOG" || rc=$?
@@ -175,11 +203,13 @@ for v in $VMMS; do
 done
 grep ' rc=0$' "$BENCH_LINES" > "$W/ok" || true
 med() { bench_median "$W/ok" "$1" "$2"; }
+sum() { awk -v v="vmm=$1" -v k="$2=" '$2 == v { for (j = 3; j <= NF; j++) if (index($j, k) == 1) n += substr($j, length(k) + 1) } END { print n + 0 }' "$W/ok"; }
 [ $fail = 0 ] && [ $rc = 0 ] \
   || die "not every round measured every VMM (L0 QEMU rc=$rc); see above, $LOG and $PINGS"
 echo "qemu_return_ms=$(med qemu return_ms)" \
   "replug_outage_ms=$(med tandem replug_outage_ms) qemu_replug_outage_ms=$(med qemu replug_outage_ms)" \
   "replug_lost=$(med tandem replug_lost) qemu_replug_lost=$(med qemu replug_lost)" \
-  "unplug_cmd_ms=$(med tandem unplug_cmd_ms) qemu_unplug_cmd_ms=$(med qemu unplug_cmd_ms)"
+  "unplug_cmd_ms=$(med tandem unplug_cmd_ms) qemu_unplug_cmd_ms=$(med qemu unplug_cmd_ms)" \
+  "tcp_resets=$(sum tandem tcp_resets) qemu_tcp_resets=$(sum qemu tcp_resets)"
 echo "outage_ms=$(med tandem outage_ms) qemu_outage_ms=$(med qemu outage_ms)" \
   "lost=$(med tandem lost) qemu_lost=$(med qemu lost) return_ms=$(med tandem return_ms)"

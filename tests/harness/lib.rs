@@ -131,7 +131,10 @@ pub fn run_bed_retrying(
             return bed;
         }
         let Some(fault) = bed_fault(&bed.text) else { return bed };
-        eprintln!("bed {name}, run {attempt} of at most {attempts}: the bed's fault, {fault} (log {})", bed.path.display());
+        eprintln!(
+            "bed {name}, run {attempt} of at most {attempts}: the bed's fault, {fault} (log {})",
+            bed.path.display()
+        );
         if attempt >= attempts {
             return bed;
         }
@@ -257,7 +260,10 @@ mod tests {
 
     #[test]
     fn tells_the_beds_faults_from_other_failures() {
-        assert_eq!(bed_fault("x\nL1-BED-FAULT interrupt with interrupts disabled: a\n").as_deref(), Some("L1-BED-FAULT interrupt with interrupts disabled: a"));
+        assert_eq!(
+            bed_fault("x\nL1-BED-FAULT interrupt with interrupts disabled: a\n").as_deref(),
+            Some("L1-BED-FAULT interrupt with interrupts disabled: a")
+        );
         let stall = "[1] rcu: INFO: rcu_preempt detected stalls on CPUs/tasks:\n[1] NMI backtrace for cpu 0\n[1] RIP: 0010:svm_vcpu_run+0x234/0x720 [kvm_amd]\n";
         assert!(bed_fault(stall).is_some_and(|f| f.contains("VMRUN")));
         assert_eq!(bed_fault("[1] rcu: INFO: rcu_preempt detected stalls\n[1] RIP: 0010:schedule+0x1\n"), None);

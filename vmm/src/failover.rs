@@ -7,7 +7,8 @@
 //!   hot-plugged;
 //! - when the VF leaves (`device-remove`, or its PF lost its link), the guest's frames
 //!   are steered to the standby first — the bridge entry of the MAC moved to the tap —
-//!   and the VF's MAC is cleared on the PF once the guest has let go of it;
+//!   and the VF's MAC is cleared on the PF as soon as the guest's VF driver has stopped
+//!   (it frees its interrupts), not only at the eject, which waits for the PCI teardown;
 //! - when it comes back, its MAC is restored before the guest probes it, and the bridge
 //!   entry moves back only once the guest's VF driver turns its interrupts on, i.e. can
 //!   receive: until then the standby keeps carrying the traffic.
@@ -242,7 +243,11 @@ fn run(
             fds.push(libc::pollfd { fd: w.as_raw_fd(), events: libc::POLLIN, revents: 0 });
         }
         let first_request = fds.len();
-        fds.extend(requests.iter().map(|(_, fd)| libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 }));
+        fds.extend(requests.iter().map(|(_, fd)| libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        }));
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
         if n < 0 {

@@ -322,7 +322,8 @@ impl Passthrough {
         let (removal, _) = self
             .dm()
             .remove_pci_device(id, self.eject_timeout, || {
-                // The guest let go: the PF's switch stops steering the MAC to the VF.
+                // The guest's VF driver stopped: the PF's switch stops steering the MAC to
+                // the VF, and the guest's frames reach it over the standby from now on.
                 let leases = leases.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(lease) = leases.vfs.iter().find(|l| l.id() == pair.vf) {
                     if let Err(e) = lease.set_mac([0; 6]) {
@@ -418,7 +419,12 @@ impl Passthrough {
 
 pub fn removal_text(r: &Removal) -> String {
     match r {
-        Removal::Ejected { waited } => format!("the guest gave it back in {} ms", waited.as_millis()),
+        Removal::Ejected { waited, stopped: Some(stopped) } => format!(
+            "its driver stopped after {} ms, the guest gave it back in {} ms",
+            stopped.as_millis(),
+            waited.as_millis()
+        ),
+        Removal::Ejected { waited, stopped: None } => format!("the guest gave it back in {} ms", waited.as_millis()),
         Removal::Forced { waited } => {
             format!("the guest did not give it back within {} ms; removed anyway", waited.as_millis())
         }

@@ -94,7 +94,13 @@ impl FakeVfio {
         bar3.info.msix_mappable = true;
         let regions = BTreeMap::from([(0, region(BAR_SIZE, true)), (3, bar3), (CONFIG_REGION, config)]);
         let irq = |count| IrqInfo { count, noresize: false };
-        let irqs = BTreeMap::from([(INTX_IRQ, irq(0)), (MSI_IRQ, irq(0)), (MSIX_IRQ, irq(3)), (ERR_IRQ, irq(1)), (REQ_IRQ, irq(1))]);
+        let irqs = BTreeMap::from([
+            (INTX_IRQ, irq(0)),
+            (MSI_IRQ, irq(0)),
+            (MSIX_IRQ, irq(3)),
+            (ERR_IRQ, irq(1)),
+            (REQ_IRQ, irq(1)),
+        ]);
         Self(Arc::new(Mutex::new(State {
             regions,
             irqs,

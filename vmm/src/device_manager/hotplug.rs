@@ -2,7 +2,7 @@
 //! slot's eject request, which Linux's acpiphp handles), and once it has (its `_EJ0`
 //! reaches the controller) the device leaves the bus and the VMM releases it.
 
-use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -15,16 +15,28 @@ use crate::vm::Vm;
 /// How a removal ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Removal {
-    /// The guest ejected the device.
-    Ejected { waited: Duration },
+    /// The guest ejected the device; `stopped`: when its driver began turning the
+    /// device's interrupts off (after it stopped the device), if it used MSI/MSI-X.
+    Ejected { waited: Duration, stopped: Option<Duration> },
     /// The guest did not answer within the timeout; the device was taken anyway.
     Forced { waited: Duration },
 }
 
-/// The controller on the port bus, its GED line, and the ejects the guest made.
+/// What the guest did with a slot, as the vCPU threads see it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SlotEvent {
+    /// Its `_EJ0` ran: the guest has let go of the device.
+    Ejected(u8),
+    /// The driver of the device being removed from it masked or turned off an interrupt.
+    DriverStopping(u8),
+}
+
+/// The controller on the port bus, its GED line, and what the guest did with slots.
 pub(super) struct Hotplug {
     controller: Arc<Mutex<PciHotplugController>>,
-    ejects: Mutex<Receiver<u8>>,
+    events: Mutex<Receiver<SlotEvent>>,
+    /// For the device watches a removal arms.
+    sender: Mutex<Sender<SlotEvent>>,
     /// Keeps the GED irqfd's eventfd open (KVM holds the registration).
     _ged: Arc<EventFd>,
 }
@@ -35,8 +47,8 @@ impl DeviceManager {
     pub fn enable_pci_hotplug(&mut self, vm: &Vm) -> Result<(), DeviceError> {
         let ged = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what: "GED", source })?);
         vm.register_irqfd(&ged, boot::layout::GED_GSI)?;
-        let (tx, rx) = channel();
-        let tx = Mutex::new(tx);
+        let (sender, rx) = channel();
+        let tx = Mutex::new(sender.clone());
         let raise = ged.clone();
         let controller = PciHotplugController::new(
             Arc::new(move || {
@@ -44,7 +56,7 @@ impl DeviceManager {
             }),
             // Runs on a vCPU thread with the controller locked: only hand the slot over.
             Arc::new(move |slot| {
-                let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(slot);
+                let _ = tx.lock().unwrap_or_else(|e| e.into_inner()).send(SlotEvent::Ejected(slot));
             }),
         );
         let controller = Arc::new(Mutex::new(controller));
@@ -54,7 +66,7 @@ impl DeviceManager {
             devices::hotplug::REGISTERS_LEN,
             controller.clone(),
         )?;
-        self.hotplug = Some(Hotplug { controller, ejects: Mutex::new(rx), _ged: ged });
+        self.hotplug = Some(Hotplug { controller, events: Mutex::new(rx), sender: Mutex::new(sender), _ged: ged });
         Ok(())
     }
 
@@ -78,14 +90,16 @@ impl DeviceManager {
     }
 
     /// Asks the guest to give device `id` back, waits up to `timeout` for its eject,
-    /// runs `ejected` (the guest has let go; the device is still open), then takes it
-    /// off the bus (BARs unmapped, interrupts off, reset, released). Returns how it
-    /// ended and what the device was.
+    /// then takes it off the bus (BARs unmapped, interrupts off, reset, released).
+    /// `let_go` runs once, with the device still open, as soon as the guest no longer
+    /// uses it: when its driver begins turning the device's interrupts off (it stopped
+    /// the device first), or else at the eject or the timeout. Returns how it ended and
+    /// what the device was.
     pub fn remove_pci_device(
         &mut self,
         id: &str,
         timeout: Duration,
-        ejected: impl FnOnce(),
+        let_go: impl FnOnce(),
     ) -> Result<(Removal, DeviceStats), DeviceError> {
         let index = self
             .pci_devices
@@ -93,35 +107,58 @@ impl DeviceManager {
             .position(|e| e.id == id)
             .ok_or_else(|| DeviceError::Backend { id: id.to_string(), reason: "no such device".into() })?;
         let slot = self.pci_devices[index].slot;
+        let vectors = self.pci_devices[index].vectors.clone();
         let hotplug = self.hotplug.as_ref().ok_or(DeviceError::NoHotplug)?;
         let start = Instant::now();
-        {
-            // An eject nobody waited for (the guest let a device go on its own) must not
-            // be taken for the answer to this request.
-            let ejects = hotplug.ejects.lock().unwrap_or_else(|e| e.into_inner());
-            while let Ok(stale) = ejects.try_recv() {
+        let events = hotplug.events.lock().unwrap_or_else(|e| e.into_inner());
+        // An eject nobody waited for (the guest let a device go on its own) must not be
+        // taken for the answer to this request.
+        while let Ok(stale) = events.try_recv() {
+            if let SlotEvent::Ejected(stale) = stale {
                 eprintln!("tandem: warning: the guest ejected slot {stale} unasked; it stays on the bus until removed");
             }
-            drop(ejects);
-            let mut c = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner());
-            c.request_unplug(slot)
-                .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: format!("slot {slot}: {e}") })?;
         }
+        if let Some(v) = &vectors {
+            let sender = hotplug.sender.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            v.arm_stopping(Box::new(move || {
+                let _ = sender.send(SlotEvent::DriverStopping(slot));
+            }));
+        }
+        let requested = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner()).request_unplug(slot);
+        if let Err(e) = requested {
+            vectors.iter().for_each(|v| v.disarm_stopping());
+            return Err(DeviceError::Backend { id: id.to_string(), reason: format!("slot {slot}: {e}") });
+        }
+        let mut let_go = Some(let_go);
+        let mut stopped = None;
         let was_ejected = loop {
             let left = timeout.saturating_sub(start.elapsed());
-            match hotplug.ejects.lock().unwrap_or_else(|e| e.into_inner()).recv_timeout(left) {
-                Ok(s) if s == slot => break true,
+            match events.recv_timeout(left) {
+                Ok(SlotEvent::Ejected(s)) if s == slot => break true,
+                Ok(SlotEvent::DriverStopping(s)) if s == slot => {
+                    stopped = Some(start.elapsed());
+                    if let Some(f) = let_go.take() {
+                        f();
+                    }
+                }
                 Ok(_) => continue, // another slot's late eject: nothing waits for it now
                 Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => break false,
             }
         };
+        drop(events);
+        vectors.iter().for_each(|v| v.disarm_stopping());
         let waited = start.elapsed();
         if !was_ejected {
-            let _ = hotplug.controller.lock().unwrap_or_else(|e| e.into_inner()).force_remove(slot);
+            let _ = self
+                .hotplug
+                .as_ref()
+                .map(|h| h.controller.lock().unwrap_or_else(|e| e.into_inner()).force_remove(slot));
         }
-        ejected();
+        if let Some(f) = let_go.take() {
+            f();
+        }
         let stats = self.take_off_bus(index)?;
-        let removal = if was_ejected { Removal::Ejected { waited } } else { Removal::Forced { waited } };
+        let removal = if was_ejected { Removal::Ejected { waited, stopped } } else { Removal::Forced { waited } };
         Ok((removal, stats))
     }
 

@@ -1,6 +1,7 @@
 //! The device manager owns device creation, the buses and the guest interrupt lines
 //! devices use. Nothing else creates devices or picks their addresses.
 
+mod driver_watch;
 mod hotplug;
 mod legacy;
 mod pci;
@@ -8,8 +9,9 @@ mod vfio;
 mod vfio_checks;
 mod virtio;
 
+pub use driver_watch::{DriverReady, DriverStopping};
 pub use hotplug::Removal;
-pub use vfio::{pci_sysfs_path, DmaMapStats, DriverReady, PassthroughReport, VfioHostError};
+pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
 use std::sync::{Arc, Mutex};
@@ -94,6 +96,8 @@ pub struct PciDeviceEntry {
     /// A passthrough device's VFIO request interrupt (the host wants it back), shared
     /// with whoever watches it; dropped with the entry, which tells the watcher to stop.
     pub request: Option<Arc<vmm_sys_util::eventfd::EventFd>>,
+    /// A passthrough device's MSI vectors, which report when its guest driver stops.
+    vectors: Option<Arc<driver_watch::WatchedVectors>>,
 }
 
 /// Where a device's counters are, for `info` and `counters` (the API).

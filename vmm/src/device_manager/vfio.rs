@@ -18,6 +18,7 @@ use vfio_ioctls::{VfioContainer, VfioDevice, VfioDeviceFd, VfioOps};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::driver_watch::{DriverReady, WatchedVectors};
 use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
 use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry};
 use crate::interrupt::{KvmIntxLine, KvmMsiVectors};
@@ -258,48 +259,6 @@ pub struct PassthroughReport {
     pub request: Option<Arc<EventFd>>,
 }
 
-/// Tells the VMM once when the guest's driver first turns one of the device's
-/// interrupts on: for a NIC, the moment it is ready to receive.
-pub type DriverReady = Arc<dyn Fn() + Send + Sync>;
-
-/// MSI vectors that call a [`DriverReady`] on the first vector the guest enables.
-struct ReadyVectors {
-    inner: KvmMsiVectors,
-    ready: Mutex<Option<DriverReady>>,
-}
-
-impl ReadyVectors {
-    fn fire(&self) {
-        let ready = self.ready.lock().unwrap_or_else(|e| e.into_inner()).take();
-        if let Some(ready) = ready {
-            ready();
-        }
-    }
-}
-
-impl pci::MsiVectors for ReadyVectors {
-    fn enable(&self, vector: u16, msg: pci::MsiMessage) {
-        self.inner.enable(vector, msg);
-        self.fire();
-    }
-    fn disable(&self, vector: u16) {
-        self.inner.disable(vector);
-    }
-    fn mask(&self, vector: u16) {
-        self.inner.mask(vector);
-    }
-    fn unmask(&self, vector: u16) {
-        self.inner.unmask(vector);
-        self.fire();
-    }
-    fn trigger(&self, vector: u16) -> std::io::Result<()> {
-        self.inner.trigger(vector)
-    }
-    fn notifier(&self, vector: u16) -> Option<&vmm_sys_util::eventfd::EventFd> {
-        self.inner.notifier(vector)
-    }
-}
-
 impl DeviceManager {
     /// Puts the host PCI device at `sysfs` (/sys/bus/pci/devices/BDF, bound to vfio-pci)
     /// on the guest's PCI bus; `ready` is called (on a vCPU thread: it must only hand
@@ -328,9 +287,16 @@ impl DeviceManager {
         let device = vfio.open(sysfs).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
         // On failure the device is dropped (closed) on the way out.
-        let (slot, shared, request) = Self::place_passthrough(pci, id, &bdf, device, ready)?;
+        let Placed { slot, shared, request, vectors } = Self::place_passthrough(pci, id, &bdf, device, ready)?;
         let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
-        let entry = PciDeviceEntry { id: id.to_string(), slot, device: shared, stats, request: request.clone() };
+        let entry = PciDeviceEntry {
+            id: id.to_string(),
+            slot,
+            device: shared,
+            stats,
+            request: request.clone(),
+            vectors: Some(vectors),
+        };
         self.pci_devices.push(entry);
         Ok(PassthroughReport { id: id.to_string(), bdf, slot, interrupts, dma, attach: start.elapsed(), request })
     }
@@ -354,14 +320,12 @@ impl DeviceManager {
         bdf: &str,
         device: Arc<VfioDevice>,
         ready: Option<DriverReady>,
-    ) -> Result<(u8, pci::SharedPciDevice, Option<Arc<EventFd>>), DeviceError> {
+    ) -> Result<Placed, DeviceError> {
         let fail = |reason: String| DeviceError::Backend { id: id.to_string(), reason: format!("{bdf}: {reason}") };
         let ops = HostVfioDevice::new(device);
         let inner = KvmMsiVectors::new(pci.vm.clone(), pci.routing.clone(), vector_count(&ops))?;
-        let vectors: Arc<dyn pci::MsiVectors> = match ready {
-            Some(ready) => Arc::new(ReadyVectors { inner, ready: Mutex::new(Some(ready)) }),
-            None => Arc::new(inner),
-        };
+        let watched = Arc::new(WatchedVectors::new(Box::new(inner), ready));
+        let vectors: Arc<dyn pci::MsiVectors> = watched.clone();
         let dev = VfioPciDevice::new(Box::new(ops), vectors).map_err(|e| fail(e.to_string()))?;
         // Without it the host's unbind or VF removal waits for the VM to end; not fatal.
         let request = EventFd::new(EFD_NONBLOCK).map_err(|e| fail(format!("eventfd: {e}")))?;
@@ -391,8 +355,16 @@ impl DeviceManager {
                 eprintln!("tandem: warning: {id}: {bdf}: cannot enable INTx yet: {e}");
             }
         }
-        Ok((slot, shared, request))
+        Ok(Placed { slot, shared, request, vectors: watched })
     }
+}
+
+/// A passthrough device on the bus, as `place_passthrough` left it.
+struct Placed {
+    slot: u8,
+    shared: pci::SharedPciDevice,
+    request: Option<Arc<EventFd>>,
+    vectors: Arc<WatchedVectors>,
 }
 
 /// The sysfs directory of a PCI address.

@@ -43,7 +43,14 @@ impl DeviceManager {
             .map_err(|e| DeviceError::Backend { id: id.to_string(), reason: e.to_string() })?;
         let shared: pci::SharedPciDevice = Arc::new(Mutex::new(transport));
         let slot = pci.segment.add(shared.clone())?;
-        self.pci_devices.push(PciDeviceEntry { id: id.to_string(), slot, device: shared, stats, request: None });
+        self.pci_devices.push(PciDeviceEntry {
+            id: id.to_string(),
+            slot,
+            device: shared,
+            stats,
+            request: None,
+            vectors: None,
+        });
         Ok(slot)
     }
 }
