@@ -7,6 +7,8 @@
 pub mod bus;
 pub mod hotplug;
 pub mod legacy;
+pub mod notice;
 pub mod virtio;
 
 pub use bus::{Bus, BusDevice, BusError};
+pub use notice::{DeviceNotices, Level, Notice, Notices};

@@ -1,4 +1,4 @@
-//! Assembles a VM from a `VmConfig`, one step after the other, and starts it.
+//! Assembles a VM from a `VmConfig`, one step after the other.
 
 use std::fs::File;
 use std::io::Write;
@@ -15,13 +15,12 @@ use crate::exit::ExitLatch;
 use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair};
 use crate::memory::RamBacking;
 use crate::passthrough::NicInfo;
-use crate::runner::FailoverSetup;
-use crate::runner::{RunError, RunningVm};
+use crate::runner::{FailoverSetup, Vm, VmParts};
 use crate::sriov::{Host, Leases};
-use crate::terminal::StdinPump;
 use crate::vcpu::{Vcpu, VcpuError};
-use crate::vm::{Vm, VmError};
+use crate::vm::{KvmVm, VmError};
 use devices::virtio::net::StandbyListener;
+use devices::Notices;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -66,8 +65,6 @@ pub enum BuildError {
     },
     #[error("cannot create the VM's exit event: {0}")]
     ExitEvent(#[source] std::io::Error),
-    #[error("cannot read stdin for the serial console: {0}")]
-    Stdin(#[source] std::io::Error),
     #[error(transparent)]
     Devices(#[from] DeviceError),
     #[error(transparent)]
@@ -75,13 +72,12 @@ pub enum BuildError {
     #[error("cannot read the CPUID KVM supports: {0}")]
     Cpuid(#[source] kvm_ioctls::Error),
     #[error(transparent)]
-    Run(#[from] RunError),
-    #[error(transparent)]
     Sriov(#[from] crate::sriov::SriovError),
 }
 
-/// Builds the VM `config` describes and starts its vCPUs.
-pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
+/// Builds the VM `config` describes, its vCPUs not started; `notices` hears what
+/// happens to it from here on.
+pub(crate) fn build(config: &VmConfig, notices: Notices) -> Result<Vm, BuildError> {
     config.validate()?;
     // A failover pair shares one MAC: settle it before either device is made.
     let mut resolved = config.clone();
@@ -99,7 +95,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     // User mistakes first: a wrong path should not be reported as a KVM problem.
     let mut kernel_file = open("kernel", &config.kernel)?;
     let mut initrd_file = config.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
-    let kvm = Vm::open_kvm()?;
+    let kvm = KvmVm::open_kvm()?;
     check_host_limits(&kvm, config)?;
     if !config.vfs.is_empty() || !config.devices.is_empty() {
         // What would make VFIO refuse every device, before any is taken from the host.
@@ -107,14 +103,15 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     }
     // Before the VM exists: dropped last on any failure below, so the host devices go
     // back only after the VFIO objects holding them are closed.
-    let leases = Leases::acquire(&config.vfs, &config.devices, &Host::system())?;
+    let host = Host::system().with_notices(notices.clone());
+    let leases = Leases::acquire(&config.vfs, &config.devices, &host)?;
     for warning in leases.warnings() {
-        eprintln!("tandem: warning: {warning}");
+        notices.warn(warning);
     }
 
     let layout = MemoryLayout::new(config.memory)?;
     let backing = if config.hugepages { RamBacking::HugePages } else { RamBacking::Anonymous };
-    let vm = Vm::with_backing(kvm, &layout.ram_regions(), backing)?;
+    let vm = KvmVm::with_backing(kvm, &layout.ram_regions(), backing)?;
     let mem = vm.memory();
 
     let kernel = boot::loader::load_kernel(mem, &mut kernel_file)
@@ -144,7 +141,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
     )?;
 
     let latch = Arc::new(ExitLatch::new().map_err(BuildError::ExitEvent)?);
-    let mut devices = DeviceManager::new(latch.power_sink());
+    let mut devices = DeviceManager::new(latch.power_sink(), notices.clone());
     devices.add_legacy_devices(&vm, serial_output(&config.serial)?, boot::layout::ACPI_SLEEP_PORT)?;
     devices.enable_pci(&vm, &layout)?;
     devices.enable_pci_hotplug(&vm)?;
@@ -166,7 +163,7 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
             devices.prepare_passthrough(id, sysfs)?;
         } else {
             let report = devices.add_passthrough(id, sysfs, None)?;
-            report_passthrough(&report);
+            notices.info(passthrough_text(&report));
             if let Some(fd) = report.request {
                 events.send(FailoverEvent::WatchRequest(id.to_string(), fd));
             }
@@ -188,17 +185,15 @@ pub fn start(config: &VmConfig) -> Result<RunningVm, BuildError> {
         vcpus.push(vcpu);
     }
 
-    let stdin = match (&config.serial, devices.serial()) {
-        (SerialConfig::Stdio, Some(serial)) => Some(StdinPump::start(serial.clone()).map_err(BuildError::Stdin)?),
-        _ => None,
-    };
     let nics = config
         .nets
         .iter()
         .map(|n| NicInfo { id: n.id.clone(), tap: n.tap.clone(), mac: n.mac, standby: n.standby })
         .collect();
     let failover = FailoverSetup { pairs, nics, events, events_rx };
-    Ok(RunningVm::start(vm, devices, vcpus, stdin, latch, leases, failover)?)
+    let stdin_to_serial = config.serial == SerialConfig::Stdio;
+    let (cpus, memory) = (config.cpus, config.memory);
+    Ok(Vm::from_parts(VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory }))
 }
 
 /// The failover pairs of `config`, their VFs leased (MAC set) and now parked: the MAC
@@ -216,9 +211,9 @@ fn failover_pairs(config: &VmConfig, leases: &Leases) -> Result<Vec<FailoverPair
     Ok(pairs)
 }
 
-/// One line per passthrough device on stderr: where it went, whether its interrupts are
-/// remapped, and how long pinning guest RAM took (once per VM).
-fn report_passthrough(r: &PassthroughReport) {
+/// Where a passthrough device went, whether its interrupts are remapped, and how long
+/// pinning guest RAM took (once per VM).
+fn passthrough_text(r: &PassthroughReport) -> String {
     let ir = match r.interrupts {
         InterruptRemapping::Active => "interrupt remapping active",
         InterruptRemapping::UnsafeAllowed => {
@@ -234,13 +229,13 @@ fn report_passthrough(r: &PassthroughReport) {
             d.gib_per_s()
         )
     });
-    eprintln!(
-        "tandem: {}: {} at guest PCI 00:{:02x}.0, attached in {:.1} ms; {ir}{dma}",
+    format!(
+        "{}: {} at guest PCI 00:{:02x}.0, attached in {:.1} ms; {ir}{dma}",
         r.id,
         r.bdf,
         r.slot,
         r.attach.as_secs_f64() * 1e3
-    );
+    )
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {

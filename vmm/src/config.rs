@@ -1,5 +1,5 @@
-//! `VmConfig`: the one description of a VM that the CLI, the library and (later) the
-//! control socket all build.
+//! `VmConfig`: the one description of a VM that the CLI, the library and the control
+//! socket all build (as JSON: [`crate::config_document`]).
 
 use std::path::PathBuf;
 
@@ -21,6 +21,8 @@ pub enum ConfigError {
     DuplicateId(String),
     #[error("--vf {vf}: {reason}; e.g. --net tap=tap0,id=net0,standby=on --vf pf=eth0,index=0,failover=net0")]
     Failover { vf: String, reason: String },
+    #[error("the VM's JSON configuration: {0}; see `tandem --help` for what each key takes")]
+    Document(String),
     #[error("--memory {value:?}: {reason}; e.g. --memory 2G or --memory size=2G,hugepages=on")]
     BadMemory { value: String, reason: String },
 }

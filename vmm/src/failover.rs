@@ -23,6 +23,7 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use devices::Notices;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::passthrough::Passthrough;
@@ -144,11 +145,12 @@ impl FailoverEvents {
 pub struct Switch {
     fdb: Arc<dyn Fdb>,
     sysfs_root: PathBuf,
+    notices: Notices,
 }
 
 impl Switch {
-    pub fn new(fdb: Arc<dyn Fdb>, sysfs_root: impl Into<PathBuf>) -> Self {
-        Self { fdb, sysfs_root: sysfs_root.into() }
+    pub fn new(fdb: Arc<dyn Fdb>, sysfs_root: impl Into<PathBuf>, notices: Notices) -> Self {
+        Self { fdb, sysfs_root: sysfs_root.into(), notices }
     }
 
     /// The bridge sends the pair's frames to the standby's tap, if the tap is a port of
@@ -156,10 +158,12 @@ impl Switch {
     pub fn to_standby(&self, pair: &FailoverPair) {
         let Some(tap) = bridge_port(&self.sysfs_root, &pair.tap) else { return };
         match self.fdb.point(&tap, pair.mac) {
-            Ok(()) => eprintln!("tandem: {}: bridge {} now sends its MAC to {}", pair.vf, tap.bridge, tap.ifname),
-            Err(e) => {
-                eprintln!("tandem: warning: {}: cannot point bridge {} at {}: {e}", pair.vf, tap.bridge, tap.ifname)
-            }
+            Ok(()) => self
+                .notices
+                .info(format_args!("{}: bridge {} now sends its MAC to {}", pair.vf, tap.bridge, tap.ifname)),
+            Err(e) => self
+                .notices
+                .warn(format_args!("{}: cannot point bridge {} at {}: {e}", pair.vf, tap.bridge, tap.ifname)),
         }
     }
 
@@ -173,13 +177,15 @@ impl Switch {
             None => self.fdb.forget(&tap, pair.mac),
         };
         match r {
-            Ok(()) => eprintln!(
-                "tandem: {}: the guest's VF driver is up; bridge {} sends its MAC to {}",
+            Ok(()) => self.notices.info(format_args!(
+                "{}: the guest's VF driver is up; bridge {} sends its MAC to {}",
                 pair.vf,
                 tap.bridge,
                 pf.as_ref().map_or("the port it learns", |p| p.ifname.as_str())
-            ),
-            Err(e) => eprintln!("tandem: warning: {}: cannot point bridge {} back at the VF: {e}", pair.vf, tap.bridge),
+            )),
+            Err(e) => {
+                self.notices.warn(format_args!("{}: cannot point bridge {} back at the VF: {e}", pair.vf, tap.bridge))
+            }
         }
     }
 }
@@ -233,6 +239,7 @@ fn run(
     let mut up: HashMap<u32, bool> =
         pfs.keys().map(|&i| (i, crate::sriov::linkwatch::link_state(i).map_or(true, |e| e.up))).collect();
     let lock = || passthrough.lock().unwrap_or_else(|e| e.into_inner());
+    let notices = lock().notices().clone();
     // Devices whose host may ask for them back. A device off the bus has dropped its
     // end of the eventfd: it is watched no longer.
     let mut requests: Vec<(String, Arc<EventFd>)> = Vec::new();
@@ -255,7 +262,7 @@ fn run(
             if e.kind() == std::io::ErrorKind::Interrupted {
                 continue;
             }
-            eprintln!("tandem: warning: the failover worker stops: poll: {e}");
+            notices.warn(format_args!("the failover worker stops: poll: {e}"));
             return;
         }
         // Before the events below change `requests`: `fds` follows its order now.
@@ -293,7 +300,7 @@ fn run(
                 }
             }
             Err(e) => {
-                eprintln!("tandem: warning: no longer following the PFs' links: {e}");
+                notices.warn(format_args!("no longer following the PFs' links: {e}"));
                 watch = None;
             }
         }
@@ -332,7 +339,7 @@ mod tests {
         t.add("tfo", 7, Some("br0"), true);
         t.add("eth0", 2, Some("br0"), true);
         let fdb = Arc::new(FakeFdb::default());
-        let switch = Switch::new(fdb.clone(), &t.0);
+        let switch = Switch::new(fdb.clone(), &t.0, Notices::discard());
         switch.to_standby(&pair());
         switch.to_primary(&pair());
         assert_eq!(*fdb.0.lock().unwrap(), ["point tfo", "point eth0"]);
@@ -346,7 +353,7 @@ mod tests {
         t.add("tfo", 7, Some("br0"), true);
         t.add("eth0", 2, Some("br1"), true);
         let fdb = Arc::new(FakeFdb::default());
-        let switch = Switch::new(fdb.clone(), &t.0);
+        let switch = Switch::new(fdb.clone(), &t.0, Notices::discard());
         switch.to_standby(&pair());
         switch.to_primary(&pair());
         assert_eq!(*fdb.0.lock().unwrap(), ["point tfo", "forget tfo"]);
@@ -357,7 +364,7 @@ mod tests {
         let t = TempTree::new("switch-none");
         t.add("tfo", 7, None, false);
         let fdb = Arc::new(FakeFdb::default());
-        let switch = Switch::new(fdb.clone(), &t.0);
+        let switch = Switch::new(fdb.clone(), &t.0, Notices::discard());
         switch.to_standby(&pair());
         switch.to_primary(&pair());
         assert!(fdb.0.lock().unwrap().is_empty());

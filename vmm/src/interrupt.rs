@@ -337,8 +337,8 @@ mod tests {
 
     #[test]
     fn gsis_are_handed_out_routed_and_released_against_real_kvm() {
-        let kvm = crate::vm::Vm::open_kvm().expect("this test needs /dev/kvm (root on a KVM host)");
-        let vm = crate::vm::Vm::new(kvm, &[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let kvm = crate::vm::KvmVm::open_kvm().expect("this test needs /dev/kvm (root on a KVM host)");
+        let vm = crate::vm::KvmVm::new(kvm, &[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
         let routing = GsiRouting::new(vm.fd_arc());
         let a = routing.allocate().unwrap();
         let b = routing.allocate().unwrap();

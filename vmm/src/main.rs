@@ -6,9 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use vmm::config::{DiskConfig, NetConfig};
-use vmm::sriov::{DeviceSpec, VfSpec};
-use vmm::{GuestExit, SerialConfig, VmConfig};
+use vmm::{ConfigDocument, GuestExit, VmConfig};
 
 /// Boot a Linux guest under KVM.
 ///
@@ -23,8 +21,14 @@ struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
 
+    /// The whole VM from a JSON file whose keys are these flags' names (kernel, initramfs,
+    /// cmdline, cpus, memory, serial, and net, disk, vf, device as lists of the strings
+    /// those flags take), instead of the flags. Example: --config vm.json
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "net", "disk", "vf", "device"])]
+    config: Option<PathBuf>,
+
     /// Guest kernel: a bzImage or an ELF vmlinux. Example: --kernel /boot/vmlinuz-6.1.0-amd64
-    #[arg(long, value_name = "PATH", required = true)]
+    #[arg(long, value_name = "PATH", required_unless_present = "config")]
     kernel: Option<PathBuf>,
 
     /// Initial ramdisk (cpio archive, compressed or not). Example: --initramfs initrd.gz
@@ -41,13 +45,13 @@ struct Cli {
 
     /// Guest RAM, with a K, M, G or T suffix; size=SIZE,hugepages=on backs it with
     /// reserved 2 MiB huge pages. Example: --memory 5G, --memory size=2G,hugepages=on
-    #[arg(long, value_name = "SIZE", default_value = "512M", value_parser = parse_memory)]
-    memory: (u64, bool),
+    #[arg(long, value_name = "SIZE", default_value = "512M")]
+    memory: String,
 
     /// Where COM1 goes: stdio (the terminal, in raw mode), file=PATH (appended), or off.
     /// Example: --serial file=/tmp/guest.log
     #[arg(long, value_name = "WHERE", default_value = "stdio")]
-    serial: SerialConfig,
+    serial: String,
 
     /// A virtio-net NIC on a host tap, created (and removed at exit) if it does not exist.
     /// Repeatable. Example: --net tap=tap0,mac=02:00:00:00:00:01,id=net0,queues=1
@@ -98,31 +102,33 @@ enum Command {
     },
 }
 
-fn parse_memory(s: &str) -> Result<(u64, bool), String> {
-    vmm::config::parse_memory(s).map_err(|e| e.to_string())
-}
-
 impl Cli {
+    /// The flags (or the --config file) as one document, parsed and checked the way the
+    /// library and the control socket parse theirs.
     fn into_config(self) -> anyhow::Result<VmConfig> {
-        let Some(kernel) = self.kernel else { anyhow::bail!("--kernel PATH is required") };
-        let nets = self.net.iter().enumerate().map(|(i, v)| NetConfig::parse(v, i)).collect::<Result<_, _>>()?;
-        let disks = self.disk.iter().enumerate().map(|(i, v)| DiskConfig::parse(v, i)).collect::<Result<_, _>>()?;
-        let vfs = self.vf.iter().enumerate().map(|(i, v)| VfSpec::parse(v, i)).collect::<Result<_, _>>()?;
-        let devices = self.device.iter().enumerate().map(|(i, v)| DeviceSpec::parse(v, i)).collect::<Result<_, _>>()?;
-        let (memory, hugepages) = self.memory;
-        Ok(VmConfig {
-            kernel,
-            initramfs: self.initramfs,
-            cmdline: self.cmdline,
-            cpus: self.cpus,
-            memory,
-            hugepages,
-            serial: self.serial,
-            nets,
-            disks,
-            vfs,
-            devices,
-        })
+        let doc = match &self.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("cannot read --config {}; check the path", path.display()))?;
+                ConfigDocument::from_json(&text).with_context(|| format!("--config {}", path.display()))?
+            }
+            None => {
+                let Some(kernel) = self.kernel else { anyhow::bail!("--kernel PATH is required") };
+                ConfigDocument {
+                    kernel,
+                    initramfs: self.initramfs,
+                    cmdline: self.cmdline,
+                    cpus: self.cpus,
+                    memory: self.memory,
+                    serial: self.serial,
+                    net: self.net,
+                    disk: self.disk,
+                    vf: self.vf,
+                    device: self.device,
+                }
+            }
+        };
+        Ok(VmConfig::try_from(doc)?)
     }
 }
 
@@ -167,7 +173,7 @@ fn block_stop_signals() -> libc::sigset_t {
     set
 }
 
-fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmStopper) {
+fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmHandle) {
     let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` and `sig` are valid for the call.
@@ -184,13 +190,14 @@ fn run(cli: Cli) -> anyhow::Result<GuestExit> {
     let signals = block_stop_signals();
     let api_socket = cli.api_socket.clone();
     let config = cli.into_config()?;
-    let mut vm = vmm::start(&config).context("cannot start the VM")?;
-    forward_stop_signals(signals, vm.stopper());
+    let notices = vmm::Notices::new(|n| eprintln!("tandem: {n}"));
+    let mut vm = vmm::Vm::with_notices(&config, notices).context("cannot start the VM")?;
+    forward_stop_signals(signals, vm.handle());
     if let Some(path) = api_socket {
         // Served until the VM ends; the socket file goes with it.
-        vm.serve_api(&path, &config).context("cannot serve the control socket")?;
+        vm.serve_api(&path).context("cannot serve the control socket")?;
     }
-    Ok(vm.wait()?)
+    Ok(vm.run()?)
 }
 
 /// `tandem ctl`: one request; the answer on stdout.

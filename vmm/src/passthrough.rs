@@ -10,6 +10,7 @@ use std::time::Duration;
 use crate::device_manager::{DeviceManager, DeviceStats, DriverReady, Removal};
 use crate::failover::{Cause, FailoverEvent, FailoverEvents, FailoverPair, PairState, Switch};
 use crate::sriov::{DeviceLease, DeviceSpec, Host, Leases, SriovError, VfLease, VfSpec};
+use devices::Notices;
 
 /// How long the guest gets to give a device back before Tandem takes it anyway.
 pub const EJECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -62,6 +63,7 @@ pub struct Passthrough {
     switch: Switch,
     events: Arc<FailoverEvents>,
     eject_timeout: Duration,
+    notices: Notices,
 }
 
 impl Passthrough {
@@ -72,8 +74,14 @@ impl Passthrough {
         nics: Vec<NicInfo>,
         switch: Switch,
         events: Arc<FailoverEvents>,
+        host: Host,
     ) -> Self {
-        Self { devices, leases, host: Host::system(), pairs, nics, switch, events, eject_timeout: EJECT_TIMEOUT }
+        let notices = host.notices.clone();
+        Self { devices, leases, host, pairs, nics, switch, events, eject_timeout: EJECT_TIMEOUT, notices }
+    }
+
+    pub fn notices(&self) -> &Notices {
+        &self.notices
     }
 
     pub fn devices(&self) -> &Arc<Mutex<DeviceManager>> {
@@ -141,7 +149,7 @@ impl Passthrough {
                 if let Some(net) = &spec.failover {
                     let pair = self.new_pair(&spec, net, &lease)?;
                     for w in lease.warnings() {
-                        eprintln!("tandem: warning: {}: {w}", spec.id);
+                        self.notices.warn(format_args!("{}: {w}", spec.id));
                     }
                     self.leases().vfs.push(lease);
                     self.pairs.push(pair);
@@ -235,7 +243,7 @@ impl Passthrough {
                 self.events.send(FailoverEvent::Unwatch(id.to_string()));
                 if self.pair_index(id).is_none() {
                     if let Some(Err(r)) = self.leases().release(id) {
-                        eprintln!("tandem: warning: {id}: {r}");
+                        self.notices.warn(format_args!("{id}: {r}"));
                     }
                 }
                 Err(PlugError::Failed(format!("{id}: {e}")))
@@ -268,10 +276,10 @@ impl Passthrough {
             }
         };
         self.pairs[i].state = PairState::Plugged;
-        eprintln!(
-            "tandem: {id}: plugged into the guest at 00:{:02x}.0 (failover primary of {})",
+        self.notices.info(format_args!(
+            "{id}: plugged into the guest at 00:{:02x}.0 (failover primary of {})",
             plugged.slot, self.pairs[i].net
-        );
+        ));
         Ok(plugged)
     }
 
@@ -303,7 +311,7 @@ impl Passthrough {
             if let DeviceStats::Passthrough { .. } = stats {
                 // The device is closed (VFIO released it): the host gets it back now.
                 match self.leases().release(id) {
-                    Some(Ok(warnings)) => warnings.iter().for_each(|w| eprintln!("tandem: warning: {id}: {w}")),
+                    Some(Ok(warnings)) => warnings.iter().for_each(|w| self.notices.warn(format_args!("{id}: {w}"))),
                     Some(Err(e)) => {
                         return Err(PlugError::Failed(format!(
                             "{id} left the guest, but restoring it on the host failed: {e}; run `tandem cleanup`"
@@ -318,7 +326,7 @@ impl Passthrough {
         // Frames for the guest go to the standby's tap before the guest lets go of the VF:
         // the guest takes them there as soon as its failover master has dropped the VF.
         self.switch.to_standby(&pair);
-        let leases = self.leases.clone();
+        let (leases, notices) = (self.leases.clone(), self.notices.clone());
         let (removal, _) = self
             .dm()
             .remove_pci_device(id, self.eject_timeout, || {
@@ -327,7 +335,7 @@ impl Passthrough {
                 let leases = leases.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(lease) = leases.vfs.iter().find(|l| l.id() == pair.vf) {
                     if let Err(e) = lease.set_mac([0; 6]) {
-                        eprintln!("tandem: warning: {}: cannot clear its MAC on the PF: {e}", pair.vf);
+                        notices.warn(format_args!("{}: cannot clear its MAC on the PF: {e}", pair.vf));
                     }
                 }
             })
@@ -344,10 +352,12 @@ impl Passthrough {
             return;
         }
         let what = if self.pair_index(id).is_some() { "moving the guest's traffic to the standby and " } else { "" };
-        eprintln!("tandem: {id}: the host wants the device back (an unbind or a VF removal): {what}unplugging it");
+        self.notices.info(format_args!(
+            "{id}: the host wants the device back (an unbind or a VF removal): {what}unplugging it"
+        ));
         match self.remove(id, Cause::Host) {
-            Ok(r) => eprintln!("tandem: {id}: unplugged and closed for the host ({})", removal_text(&r)),
-            Err(e) => eprintln!("tandem: warning: {id}: unplugging it for the host failed: {e}"),
+            Ok(r) => self.notices.info(format_args!("{id}: unplugged and closed for the host ({})", removal_text(&r))),
+            Err(e) => self.notices.warn(format_args!("{id}: unplugging it for the host failed: {e}")),
         }
     }
 
@@ -358,16 +368,16 @@ impl Passthrough {
         if self.pairs[i].state == PairState::Held {
             let vf = self.pairs[i].vf.clone();
             if self.pairs[i].auto && !self.pf_has_link(&self.pairs[i].pf) {
-                eprintln!(
-                    "tandem: {vf}: the guest negotiated STANDBY on {net}, but {} has no link: the VF waits for it",
+                self.notices.info(format_args!(
+                    "{vf}: the guest negotiated STANDBY on {net}, but {} has no link: the VF waits for it",
                     self.pairs[i].pf
-                );
+                ));
                 self.pairs[i].state = PairState::Parked(Cause::Link);
                 return;
             }
-            eprintln!("tandem: {vf}: the guest negotiated STANDBY on {net}: plugging the VF");
+            self.notices.info(format_args!("{vf}: the guest negotiated STANDBY on {net}: plugging the VF"));
             if let Err(e) = self.plug_pair(i) {
-                eprintln!("tandem: warning: {vf}: cannot plug it: {e}; `tandem ctl device-add {vf}` retries");
+                self.notices.warn(format_args!("{vf}: cannot plug it: {e}; `tandem ctl device-add {vf}` retries"));
                 self.pairs[i].state = PairState::Parked(Cause::User);
             }
         }
@@ -396,19 +406,19 @@ impl Passthrough {
             let vf = p.vf.clone();
             match (up, p.state) {
                 (false, PairState::Plugged) => {
-                    eprintln!(
-                        "tandem: {vf}: {pf} lost its link: moving the guest's traffic to {} and unplugging the VF",
+                    self.notices.info(format_args!(
+                        "{vf}: {pf} lost its link: moving the guest's traffic to {} and unplugging the VF",
                         p.net
-                    );
+                    ));
                     match self.remove(&vf, Cause::Link) {
-                        Ok(r) => eprintln!("tandem: {vf}: unplugged ({})", removal_text(&r)),
-                        Err(e) => eprintln!("tandem: warning: {vf}: automatic unplug failed: {e}"),
+                        Ok(r) => self.notices.info(format_args!("{vf}: unplugged ({})", removal_text(&r))),
+                        Err(e) => self.notices.warn(format_args!("{vf}: automatic unplug failed: {e}")),
                     }
                 }
                 (true, PairState::Parked(Cause::Link)) => {
-                    eprintln!("tandem: {vf}: {pf} has its link again: plugging the VF back");
+                    self.notices.info(format_args!("{vf}: {pf} has its link again: plugging the VF back"));
                     if let Err(e) = self.plug_pair(i) {
-                        eprintln!("tandem: warning: {vf}: automatic re-plug failed: {e}");
+                        self.notices.warn(format_args!("{vf}: automatic re-plug failed: {e}"));
                     }
                 }
                 _ => {}

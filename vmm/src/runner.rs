@@ -1,17 +1,22 @@
-//! A started VM: its vCPU threads, and the wait for the guest (or the host) to end it.
+//! [`Vm`]: a VM built from its configuration, its vCPU threads, and the wait for the
+//! guest (or the host) to end it.
 
 use std::os::unix::io::AsRawFd;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
+use devices::Notices;
+
 use crate::device_manager::DeviceManager;
 use crate::exit::{ExitLatch, GuestExit};
 use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair, FailoverWorker, Switch};
+use crate::handle::{KickTarget, VmHandle};
 use crate::passthrough::{NicInfo, Passthrough};
-use crate::sriov::Leases;
+use crate::sriov::{Host, Leases};
 use crate::terminal::StdinPump;
-use crate::vcpu::{install_kick_handler, ExitCounters, PauseGate, Vcpu, VcpuHandle};
-use crate::vm::Vm;
+use crate::vcpu::{install_kick_handler, ExitCounters, PauseGate, Vcpu, VcpuHandle, VcpuShared};
+use crate::vm::KvmVm;
+use crate::{BuildError, VmConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -39,6 +44,10 @@ pub enum RunError {
     NmiTimeout { vcpus: usize },
     #[error("cannot start the failover worker: {0}")]
     Failover(#[source] std::io::Error),
+    #[error("the VM's vCPUs have been started already")]
+    AlreadyStarted,
+    #[error("cannot read stdin for the serial console: {0}")]
+    Stdin(#[source] std::io::Error),
 }
 
 /// What the failover worker starts with (see [`crate::failover`]).
@@ -57,110 +66,28 @@ impl FailoverSetup {
     }
 }
 
-/// What other threads (the signal thread, the API server) may do to a running VM:
-/// stop it, pause and resume its vCPUs, read its counters. Cheap to clone.
-#[derive(Clone)]
-pub struct VmStopper {
-    latch: Arc<ExitLatch>,
-    gate: Arc<PauseGate>,
-    counters: Arc<ExitCounters>,
-    /// The vCPU threads to kick, emptied (under the write lock) before they are joined,
-    /// so a kick never targets a reclaimed thread.
-    kick: Arc<RwLock<Vec<KickTarget>>>,
+/// The parts of a VM, assembled (by [`Vm::new`], or by hand for special guests) before
+/// any of its threads starts.
+pub struct VmParts {
+    pub vm: KvmVm,
+    pub devices: DeviceManager,
+    pub vcpus: Vec<Vcpu>,
+    /// The latch the devices' power sink reports to.
+    pub latch: Arc<ExitLatch>,
+    pub leases: Leases,
+    pub failover: FailoverSetup,
+    /// Feed host stdin to the serial console (`--serial stdio`).
+    pub stdin_to_serial: bool,
+    /// Where the host (PF links, restore journals) is, and where notices go.
+    pub host: Host,
+    pub cpus: u32,
+    pub memory: u64,
 }
 
-/// A vCPU thread as a kick target: its pthread id, valid until joined.
-struct KickTarget {
-    pthread: libc::pthread_t,
-    done: Arc<std::sync::atomic::AtomicBool>,
-}
-
-// SAFETY: a pthread_t is an opaque id; sending it between threads is what pthread_kill
-// expects, and `KickTarget`s are only used under the `kick` lock (see `VmStopper`).
-unsafe impl Send for KickTarget {}
-// SAFETY: as for Send; the id is only read.
-unsafe impl Sync for KickTarget {}
-
-impl VmStopper {
-    pub fn stop(&self, reason: GuestExit) {
-        self.latch.set(reason);
-    }
-
-    fn kick_all(&self) -> usize {
-        let targets = self.kick.read().unwrap_or_else(|e| e.into_inner());
-        let mut live = 0;
-        for t in targets.iter().filter(|t| !t.done.load(std::sync::atomic::Ordering::Acquire)) {
-            live += 1;
-            // SAFETY: the thread has not been joined (targets are removed first), so its
-            // id still names it, finished or not.
-            unsafe { libc::pthread_kill(t.pthread, crate::vcpu::kick_signal()) };
-        }
-        live
-    }
-
-    /// Stops every vCPU outside KVM_RUN: no guest instruction runs until `resume`.
-    /// Devices keep running (a paused guest's NIC still receives into its queues).
-    pub fn pause(&self) -> Result<(), RunError> {
-        if self.latch.is_set() {
-            return Err(RunError::Ended);
-        }
-        if self.gate.is_closed() {
-            return Err(RunError::AlreadyPaused);
-        }
-        self.gate.close();
-        self.kick_until(|live| self.gate.wait_parked(live, Duration::from_millis(2))).map_err(|live| {
-            self.gate.open();
-            RunError::PauseTimeout { parked: self.gate.parked(), vcpus: live }
-        })
-    }
-
-    /// Injects an NMI into every vCPU. A paused VM gets it when it resumes.
-    pub fn inject_nmi(&self) -> Result<(), RunError> {
-        if self.latch.is_set() {
-            return Err(RunError::Ended);
-        }
-        self.gate.request_nmi();
-        if self.gate.is_closed() {
-            return Ok(());
-        }
-        self.kick_until(|live| self.gate.wait_nmi(live, Duration::from_millis(2)))
-            .map_err(|live| RunError::NmiTimeout { vcpus: live })
-    }
-
-    /// Kicks the vCPUs out of KVM_RUN until `acknowledged(live vCPUs)` says all did what
-    /// was asked, for 5 s at most (or until the VM ends); `Err` carries the live count.
-    /// A kick that lands between two KVM_RUNs is lost, hence the repeats.
-    fn kick_until(&self, acknowledged: impl Fn(usize) -> bool) -> Result<(), usize> {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            let live = self.kick_all();
-            if acknowledged(live) {
-                return Ok(());
-            }
-            if Instant::now() >= deadline || self.latch.is_set() {
-                return Err(live);
-            }
-        }
-    }
-
-    pub fn resume(&self) -> Result<(), RunError> {
-        if !self.gate.is_closed() {
-            return Err(RunError::NotPaused);
-        }
-        self.gate.open();
-        Ok(())
-    }
-
-    pub fn is_paused(&self) -> bool {
-        self.gate.is_closed()
-    }
-
-    pub fn counters(&self) -> &ExitCounters {
-        &self.counters
-    }
-}
-
-pub struct RunningVm {
+/// A VM: built by [`Vm::new`], started by [`start`](Vm::start), ended by the guest or by
+/// a [`VmHandle`], and torn down — host devices given back — when [`wait`](Vm::wait)
+/// returns or it is dropped.
+pub struct Vm {
     // Field order is drop order: threads are stopped in `wait`/`drop` before the VM
     // (and the guest memory they run on) goes away.
     /// The control socket; stopped first in `halt_vcpus`, which drops its references to
@@ -168,138 +95,160 @@ pub struct RunningVm {
     api: Option<crate::api::ApiServer>,
     /// Acts on failover events; stopped right after the socket, for the same reason.
     failover: Option<FailoverWorker>,
-    /// Plugs and unplugs host devices; shares the devices and leases below.
+    /// Plugs and unplugs host devices; shares the devices and leases below. Handles
+    /// reach it weakly, so one kept after the VM ended keeps no device open.
     passthrough: Option<Arc<Mutex<Passthrough>>>,
+    handle: Option<VmHandle>,
     vcpus: Vec<VcpuHandle>,
+    /// What `start` still has to start.
+    pending: Option<Pending>,
     stdin: Option<StdinPump>,
-    latch: Arc<ExitLatch>,
-    counters: Arc<ExitCounters>,
-    gate: Arc<PauseGate>,
+    shared: VcpuShared,
     kick: Arc<RwLock<Vec<KickTarget>>>,
-    /// `None` once leaked, with the VM: see `halt_vcpus`. Shared with the control
-    /// socket, which removes devices.
+    /// `None` once leaked, with the VM: see `halt_vcpus`. Shared with the handle, which
+    /// removes devices.
     devices: Option<Arc<Mutex<DeviceManager>>>,
     /// `None` once leaked: see `halt_vcpus`.
-    vm: Option<Vm>,
+    vm: Option<KvmVm>,
     /// Host devices passed through, restored once the devices and the VM (which hold
     /// them open through VFIO) are gone.
     leases: Option<Arc<Mutex<Leases>>>,
 }
 
-impl RunningVm {
-    /// Starts one thread per vCPU. `stdin` feeds host input to the serial console;
-    /// `latch` is the one the devices' power sink reports to.
-    pub fn start(
-        vm: Vm,
-        devices: DeviceManager,
-        vcpus: Vec<Vcpu>,
-        stdin: Option<StdinPump>,
-        latch: Arc<ExitLatch>,
-        leases: Leases,
-        failover: FailoverSetup,
-    ) -> Result<Self, RunError> {
-        let counters = Arc::new(ExitCounters::default());
-        // Built before anything can fail, so that an error drops the parts in this
-        // struct's order: the leases after the devices and the VM holding them open.
-        let buses = devices.buses().clone();
-        let mut running = Self {
-            vcpus: Vec::new(),
-            stdin,
+struct Pending {
+    vcpus: Vec<Vcpu>,
+    stdin_to_serial: bool,
+    events: Arc<FailoverEvents>,
+    events_rx: std::sync::mpsc::Receiver<FailoverEvent>,
+    /// The PFs the auto pairs follow, by ifindex.
+    pfs: std::collections::HashMap<u32, String>,
+}
+
+impl Vm {
+    /// Builds the VM `config` describes (guest memory, kernel, devices, vCPUs; host
+    /// devices leased), ready to [`start`](Self::start). Its notices are dropped; see
+    /// [`with_notices`](Self::with_notices).
+    pub fn new(config: &VmConfig) -> Result<Self, BuildError> {
+        Self::with_notices(config, Notices::discard())
+    }
+
+    /// [`new`](Self::new), telling `notices` what happens to the VM while it lives.
+    pub fn with_notices(config: &VmConfig, notices: Notices) -> Result<Self, BuildError> {
+        crate::builder::build(config, notices)
+    }
+
+    /// A VM from parts assembled by hand; nothing runs until [`start`](Self::start).
+    pub fn from_parts(parts: VmParts) -> Self {
+        let VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory } = parts;
+        let notices = host.notices.clone();
+        let pfs = failover
+            .pairs
+            .iter()
+            .filter(|p| p.auto)
+            .filter_map(|p| host.sysfs.ifindex(&p.pf).ok().map(|i| (i, p.pf.clone())))
+            .collect();
+        let shared = VcpuShared {
+            buses: devices.buses().clone(),
+            counters: Arc::new(ExitCounters::default()),
             latch,
-            counters,
             gate: Arc::new(PauseGate::default()),
-            kick: Arc::new(RwLock::new(Vec::new())),
+            notices: notices.clone(),
+        };
+        let devices = Arc::new(Mutex::new(devices));
+        let leases = Arc::new(Mutex::new(leases));
+        let switch = Switch::new(Arc::new(crate::sriov::RtNetlink), "/", notices.clone());
+        let passthrough = Arc::new(Mutex::new(Passthrough::new(
+            devices.clone(),
+            leases.clone(),
+            failover.pairs,
+            failover.nics,
+            switch,
+            failover.events.clone(),
+            host,
+        )));
+        let kick = Arc::new(RwLock::new(Vec::new()));
+        let handle = VmHandle {
+            latch: shared.latch.clone(),
+            gate: shared.gate.clone(),
+            counters: shared.counters.clone(),
+            kick: kick.clone(),
+            passthrough: Arc::downgrade(&passthrough),
+            notices,
+            cpus,
+            memory,
+            created: Instant::now(),
+        };
+        let pending = Pending { vcpus, stdin_to_serial, events: failover.events, events_rx: failover.events_rx, pfs };
+        Self {
             api: None,
             failover: None,
-            passthrough: None,
-            devices: Some(Arc::new(Mutex::new(devices))),
+            passthrough: Some(passthrough),
+            handle: Some(handle),
+            vcpus: Vec::new(),
+            pending: Some(pending),
+            stdin: None,
+            shared,
+            kick,
+            devices: Some(devices),
             vm: Some(vm),
-            leases: Some(Arc::new(Mutex::new(leases))),
-        };
-        if let (Some(devices), Some(leases)) = (&running.devices, &running.leases) {
-            let host = crate::sriov::Host::system();
-            // The PFs the auto pairs follow, by ifindex.
-            let pfs = failover
-                .pairs
-                .iter()
-                .filter(|p| p.auto)
-                .filter_map(|p| host.sysfs.ifindex(&p.pf).ok().map(|i| (i, p.pf.clone())))
-                .collect();
-            let switch = Switch::new(Arc::new(crate::sriov::RtNetlink), "/");
-            let passthrough = Arc::new(Mutex::new(Passthrough::new(
-                devices.clone(),
-                leases.clone(),
-                failover.pairs,
-                failover.nics,
-                switch,
-                failover.events.clone(),
-            )));
-            running.failover = Some(
-                FailoverWorker::spawn(passthrough.clone(), failover.events, failover.events_rx, pfs)
-                    .map_err(RunError::Failover)?,
-            );
-            running.passthrough = Some(passthrough);
+            leases: Some(leases),
+        }
+    }
+
+    /// Steers the VM from any thread: pause, resume, shut down, add and remove devices,
+    /// read counters.
+    pub fn handle(&self) -> VmHandle {
+        match &self.handle {
+            Some(h) => h.clone(),
+            // Only `halt_vcpus` takes it, and nothing calls `handle` after that.
+            None => unreachable!("a Vm's handle is taken only when it ends"),
+        }
+    }
+
+    /// Serves the control socket at `path` until the VM ends; the socket file goes
+    /// with it.
+    pub fn serve_api(&mut self, path: &std::path::Path) -> Result<(), crate::api::ServerError> {
+        let control: Arc<dyn crate::api::VmControl> = Arc::new(self.handle());
+        self.api = Some(crate::api::ApiServer::start(path, control)?);
+        Ok(())
+    }
+
+    /// Starts the failover worker and one thread per vCPU: the guest runs.
+    pub fn start(&mut self) -> Result<(), RunError> {
+        let Pending { vcpus, stdin_to_serial, events, events_rx, pfs } =
+            self.pending.take().ok_or(RunError::AlreadyStarted)?;
+        if let Some(passthrough) = &self.passthrough {
+            let worker = FailoverWorker::spawn(passthrough.clone(), events, events_rx, pfs);
+            self.failover = Some(worker.map_err(RunError::Failover)?);
+        }
+        if stdin_to_serial {
+            let serial =
+                self.devices.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).serial().cloned());
+            if let Some(serial) = serial {
+                self.stdin = Some(StdinPump::start(serial).map_err(RunError::Stdin)?);
+            }
         }
         install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
             let id = vcpu.id();
-            let handle = VcpuHandle::spawn(
-                vcpu,
-                buses.clone(),
-                running.counters.clone(),
-                running.latch.clone(),
-                running.gate.clone(),
-            )
-            .map_err(|source| RunError::SpawnVcpu { id, source })?;
-            running
-                .kick
+            let thread =
+                VcpuHandle::spawn(vcpu, self.shared.clone()).map_err(|source| RunError::SpawnVcpu { id, source })?;
+            self.kick
                 .write()
                 .unwrap_or_else(|e| e.into_inner())
-                .push(KickTarget { pthread: handle.pthread(), done: handle.done.clone() });
-            running.vcpus.push(handle);
+                .push(KickTarget { pthread: thread.pthread(), done: thread.done.clone() });
+            self.vcpus.push(thread);
         }
-        Ok(running)
-    }
-
-    /// Plugs and unplugs host devices while the VM runs (what `device-add` and
-    /// `device-remove` use).
-    pub fn passthrough(&self) -> Option<Arc<Mutex<Passthrough>>> {
-        self.passthrough.clone()
-    }
-
-    /// The devices on the guest's PCI bus with their counters.
-    pub fn device_summary(&self) -> Vec<crate::device_manager::DeviceSummary> {
-        self.devices.as_ref().map_or_else(Vec::new, |d| d.lock().unwrap_or_else(|e| e.into_inner()).summary())
-    }
-
-    /// Serves the control socket at `path` until the VM ends.
-    pub fn serve_api(
-        &mut self,
-        path: &std::path::Path,
-        config: &crate::VmConfig,
-    ) -> Result<(), crate::api::ServerError> {
-        let Some(passthrough) = &self.passthrough else { return Ok(()) };
-        let control = crate::control::Control::new(self.stopper(), passthrough.clone(), config);
-        self.api = Some(crate::api::ApiServer::start(path, Arc::new(control))?);
         Ok(())
     }
 
-    pub fn stopper(&self) -> VmStopper {
-        VmStopper {
-            latch: self.latch.clone(),
-            gate: self.gate.clone(),
-            counters: self.counters.clone(),
-            kick: self.kick.clone(),
-        }
-    }
-
-    pub fn counters(&self) -> Arc<ExitCounters> {
-        self.counters.clone()
-    }
-
-    /// Blocks until the guest powers off, resets, crashes, or a `VmStopper` is used,
-    /// then stops every vCPU and returns why.
+    /// Starts the VM if it has not been, and blocks until the guest powers off, resets,
+    /// crashes, or a [`VmHandle`] ends it; then stops every vCPU, gives the host devices
+    /// back, and returns why it ended.
     pub fn wait(mut self) -> Result<GuestExit, RunError> {
+        if self.pending.is_some() {
+            self.start()?;
+        }
         let reason = self.wait_for_reason()?;
         match self.halt_vcpus() {
             0 => Ok(reason),
@@ -307,10 +256,16 @@ impl RunningVm {
         }
     }
 
+    /// [`start`](Self::start) and [`wait`](Self::wait).
+    pub fn run(self) -> Result<GuestExit, RunError> {
+        self.wait()
+    }
+
     fn wait_for_reason(&self) -> Result<GuestExit, RunError> {
-        let mut fd = libc::pollfd { fd: self.latch.event().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let latch = &self.shared.latch;
+        let mut fd = libc::pollfd { fd: latch.event().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         loop {
-            if let Some(reason) = self.latch.get() {
+            if let Some(reason) = latch.get() {
                 return Ok(reason);
             }
             // SAFETY: `fd` is a valid pollfd for the duration of the call.
@@ -327,15 +282,18 @@ impl RunningVm {
     /// guest CPU) is kicked with a signal until its thread ends.
     fn halt_vcpus(&mut self) -> usize {
         // Dropped without `wait`: the embedder gave up on the VM.
-        self.latch.set(GuestExit::Stopped { signal: 0 });
+        self.shared.latch.set(GuestExit::Stopped { signal: 0 });
         // No request may reach the devices from here on (and the server's references to
-        // them go, so they are dropped in this struct's order).
+        // them go, so they are dropped in this struct's order). Handles held elsewhere
+        // keep the devices alive: they still answer, with the VM ended.
         drop(self.api.take());
         drop(self.failover.take());
         drop(self.passthrough.take());
+        drop(self.handle.take());
+        drop(self.pending.take());
         // Parked vCPUs wait on the gate, not in KVM: let them see the latch.
-        self.gate.open();
-        // No kick through a VmStopper from here on: the threads are about to be joined.
+        self.shared.gate.open();
+        // No kick through a VmHandle from here on: the threads are about to be joined.
         self.kick.write().unwrap_or_else(|e| e.into_inner()).clear();
         if let Some(pump) = self.stdin.take() {
             pump.stop();
@@ -367,7 +325,7 @@ impl RunningVm {
     }
 }
 
-impl Drop for RunningVm {
+impl Drop for Vm {
     fn drop(&mut self) {
         self.halt_vcpus();
     }

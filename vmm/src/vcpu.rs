@@ -8,7 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 
 use crate::exit::{ExitLatch, GuestExit};
-use crate::vm::Vm;
+use crate::vm::KvmVm;
 use devices::Bus;
 
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +57,18 @@ pub struct Vcpu {
     fd: VcpuFd,
 }
 
+/// What every vCPU thread of a VM shares.
+#[derive(Clone)]
+pub struct VcpuShared {
+    pub buses: Arc<Buses>,
+    pub counters: Arc<ExitCounters>,
+    pub latch: Arc<ExitLatch>,
+    pub gate: Arc<PauseGate>,
+    pub notices: devices::Notices,
+}
+
 impl Vcpu {
-    pub fn new(vm: &Vm, id: u32) -> Result<Self, VcpuError> {
+    pub fn new(vm: &KvmVm, id: u32) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|source| VcpuError::Create { id, source })?;
         Ok(Self { id, fd })
     }
@@ -114,7 +124,8 @@ impl Vcpu {
     /// Runs the vCPU until the VM stops, dispatching exits. The latch is checked
     /// whenever KVM_RUN returns, which a signal to this thread forces (see
     /// `VcpuHandle::kick`).
-    pub fn run(mut self, buses: &Buses, counters: &ExitCounters, latch: &ExitLatch, gate: &PauseGate) {
+    pub fn run(mut self, vm: &VcpuShared) {
+        let VcpuShared { buses, counters, latch, gate, notices } = vm;
         let id = self.id;
         let mut nmis_seen = 0;
         while !latch.is_set() {
@@ -124,7 +135,7 @@ impl Vcpu {
             }
             if nmi_due {
                 if let Err(e) = self.fd.nmi() {
-                    eprintln!("tandem: vCPU {id}: cannot inject the NMI: {e}");
+                    notices.warn(format_args!("vCPU {id}: cannot inject the NMI: {e}"));
                 }
             }
             let outcome = match self.fd.run() {
@@ -337,18 +348,12 @@ pub fn install_kick_handler() -> std::io::Result<()> {
 }
 
 impl VcpuHandle {
-    pub fn spawn(
-        vcpu: Vcpu,
-        buses: Arc<Buses>,
-        counters: Arc<ExitCounters>,
-        latch: Arc<ExitLatch>,
-        gate: Arc<PauseGate>,
-    ) -> std::io::Result<Self> {
+    pub fn spawn(vcpu: Vcpu, vm: VcpuShared) -> std::io::Result<Self> {
         let id = vcpu.id();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
         let thread = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
-            vcpu.run(&buses, &counters, &latch, &gate);
+            vcpu.run(&vm);
             flag.store(true, std::sync::atomic::Ordering::Release);
         })?;
         Ok(Self { id, thread, done })

@@ -50,14 +50,14 @@ pub enum VmError {
 }
 
 /// The guest RAM of a VM with KVM's view of it.
-pub struct Vm {
+pub struct KvmVm {
     // Drop order: the VM fd (and with it KVM's memory slots) before the RAM it maps.
     kvm: Kvm,
     fd: Arc<VmFd>,
     ram: GuestRam,
 }
 
-impl Vm {
+impl KvmVm {
     /// Addresses KVM needs for its real-mode TSS and identity map on Intel hosts; they
     /// sit just below the BIOS ROM area, inside the 32-bit MMIO hole, away from RAM.
     const TSS_ADDR: usize = 0xfffb_d000;
@@ -87,7 +87,7 @@ impl Vm {
         Self::with_backing(kvm, ram, RamBacking::Anonymous)
     }
 
-    /// [`Vm::new`] with RAM backed as `backing` says.
+    /// [`KvmVm::new`] with RAM backed as `backing` says.
     pub fn with_backing(kvm: Kvm, ram: &[(GuestAddress, usize)], backing: RamBacking) -> Result<Self, VmError> {
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
         let vm = Self { kvm, fd: Arc::new(fd), ram: GuestRam::new(ram, backing)? };

@@ -13,9 +13,10 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm::device_manager::DeviceManager;
 use vmm::exit::ExitLatch;
 use vmm::runner::FailoverSetup;
+use vmm::sriov::Host;
 use vmm::vcpu::Vcpu;
-use vmm::vm::Vm;
-use vmm::{GuestExit, RunningVm};
+use vmm::vm::KvmVm;
+use vmm::{GuestExit, Vm, VmParts};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 const CODE: GuestAddress = GuestAddress(0x1000);
@@ -56,21 +57,21 @@ impl BusDevice for Probe {
 }
 
 struct TinyVm {
-    vm: Vm,
+    vm: KvmVm,
     devices: DeviceManager,
     serial: Sink,
     latch: Arc<ExitLatch>,
 }
 
 fn tiny_vm(code: &[u8]) -> TinyVm {
-    let kvm = Vm::open_kvm().unwrap_or_else(|e| {
+    let kvm = KvmVm::open_kvm().unwrap_or_else(|e| {
         panic!("these tests run guests on KVM and need /dev/kvm (run as root on a host with KVM): {e}")
     });
-    let vm = Vm::new(kvm, &[(GuestAddress(0), RAM)]).expect("create VM");
+    let vm = KvmVm::new(kvm, &[(GuestAddress(0), RAM)]).expect("create VM");
     vm.memory().write_slice(code, CODE).expect("write guest code");
     let serial = Sink::default();
     let latch = Arc::new(ExitLatch::new().unwrap());
-    let mut devices = DeviceManager::new(latch.power_sink());
+    let mut devices = DeviceManager::new(latch.power_sink(), Default::default());
     devices.add_legacy_devices(&vm, Box::new(serial.clone()), ACPI_PM_PORT).expect("legacy devices");
     TinyVm { vm, devices, serial, latch }
 }
@@ -82,10 +83,29 @@ fn vcpu(t: &TinyVm) -> Vcpu {
     v
 }
 
+/// The VM around `t` with one vCPU, started.
+fn started(t: TinyVm, v: Vcpu) -> Vm {
+    let parts = VmParts {
+        vm: t.vm,
+        devices: t.devices,
+        vcpus: vec![v],
+        latch: t.latch,
+        leases: Default::default(),
+        failover: FailoverSetup::empty().unwrap(),
+        stdin_to_serial: false,
+        host: Host::system(),
+        cpus: 1,
+        memory: RAM as u64,
+    };
+    let mut vm = Vm::from_parts(parts);
+    vm.start().expect("start the vCPU");
+    vm
+}
+
 /// A guest that never asks for its reset is stopped after 10 s, so a broken wiring
 /// fails the test (with `Stopped`) instead of hanging it.
-fn with_watchdog(running: RunningVm) -> RunningVm {
-    let stopper = running.stopper();
+fn with_watchdog(running: Vm) -> Vm {
+    let stopper = running.handle();
     std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(10));
         stopper.stop(GuestExit::Stopped { signal: 0 });
@@ -124,11 +144,9 @@ fn real_mode_guest_does_port_io_mmio_and_ioeventfd() {
     v.set_real_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap(),
-    );
-    let counters = running.counters();
+    let running = with_watchdog(started(t, v));
+    let watched = running.handle();
+    let counters = watched.exit_counters();
     let exit = running.wait().unwrap();
 
     assert_eq!(exit, GuestExit::Reset, "the guest's i8042 reset ends the VM");
@@ -163,11 +181,9 @@ fn long_mode_guest_does_wide_io_and_mmio() {
     v.set_long_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap(),
-    );
-    let counters = running.counters();
+    let running = with_watchdog(started(t, v));
+    let watched = running.handle();
+    let counters = watched.exit_counters();
     let exit = running.wait().unwrap();
 
     assert_eq!(counters.mmio_unhandled.load(Relaxed), 0);
@@ -196,10 +212,7 @@ fn irqfd_interrupt_reaches_a_real_mode_handler() {
     v.set_real_mode_entry(CODE).unwrap();
 
     let serial = t.serial.clone();
-    let running = with_watchdog(
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap(),
-    );
+    let running = with_watchdog(started(t, v));
     wait_until_ready(&serial);
     assert_eq!(serial.bytes(), b"W", "no interrupt before the irqfd fires");
     irq.write(1).unwrap();
@@ -222,14 +235,11 @@ fn an_nmi_reaches_a_guest_spinning_with_interrupts_off() {
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
     let serial = t.serial.clone();
-    let running = with_watchdog(
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap(),
-    );
+    let running = with_watchdog(started(t, v));
     wait_until_ready(&serial);
     std::thread::sleep(Duration::from_millis(20));
     assert_eq!(serial.bytes(), b"W", "nothing runs the handler before the NMI");
-    running.stopper().inject_nmi().unwrap();
+    running.handle().inject_nmi().unwrap();
     assert_eq!(running.wait().unwrap(), GuestExit::Reset, "the NMI handler ran and reset the guest");
     assert_eq!(serial.bytes(), b"WN");
 }
@@ -240,11 +250,9 @@ fn a_guest_that_never_exits_is_stopped_from_the_host() {
     let t = tiny_vm(&[0xfa, 0xf4, 0xeb, 0xfd]);
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
-    let running =
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap();
+    let running = started(t, v);
     std::thread::sleep(Duration::from_millis(50));
-    running.stopper().stop(GuestExit::Stopped { signal: 15 });
+    running.handle().stop(GuestExit::Stopped { signal: 15 });
     // `wait` fails with StuckVcpus if the halted vCPU could not be kicked out of KVM_RUN.
     assert_eq!(running.wait().unwrap(), GuestExit::Stopped { signal: 15 });
 }
@@ -256,12 +264,10 @@ fn a_paused_guest_runs_no_instruction_until_resumed() {
     let t = tiny_vm(&code);
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
-    let running = with_watchdog(
-        RunningVm::start(t.vm, t.devices, vec![v], None, t.latch, Default::default(), FailoverSetup::empty().unwrap())
-            .unwrap(),
-    );
-    let handle = running.stopper();
-    let counters = running.counters();
+    let running = with_watchdog(started(t, v));
+    let handle = running.handle();
+    let watched = running.handle();
+    let counters = watched.exit_counters();
     let reads = || counters.pio_unhandled.load(Relaxed);
     std::thread::sleep(Duration::from_millis(50));
     assert!(reads() > 0, "the guest loops");

@@ -86,6 +86,10 @@ pub trait VmControl: Send + Sync {
     /// `"vf"`, `"device"` (a new device) or `"id"` (a failover VF held out of the guest),
     /// a non-empty string. Returns the JSON to answer with.
     fn device_add(&self, request: &Value) -> Result<Value, ApiError>;
+    /// Where the server tells of its own troubles (a failing accept).
+    fn notices(&self) -> devices::Notices {
+        devices::Notices::discard()
+    }
 }
 
 /// Why a [`VmControl`] request failed; the variant picks the HTTP status and the message

@@ -158,7 +158,7 @@ fn serve(listener: &UnixListener, control: &dyn VmControl, stop: &EventFd, timeo
             Ok(Ready::Stop) => return,
             Ok(Ready::Fd | Ready::Timeout) => {}
             Err(e) => {
-                eprintln!("tandem: warning: control socket: poll failed: {e}; the socket stops answering");
+                control.notices().warn(format_args!("control socket: poll failed: {e}; the socket stops answering"));
                 return;
             }
         }
@@ -167,7 +167,7 @@ fn serve(listener: &UnixListener, control: &dyn VmControl, stop: &EventFd, timeo
             Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
             Err(e) => {
                 // Out of fds or memory: say so, and do not spin while it lasts.
-                eprintln!("tandem: warning: control socket: accept failed: {e}");
+                control.notices().warn(format_args!("control socket: accept failed: {e}"));
                 if let Ok(Ready::Stop) = wait_readable(-1, stop, Some(Duration::from_millis(100))) {
                     return;
                 }

@@ -10,7 +10,7 @@ use devices::hotplug::PciHotplugController;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::{DeviceError, DeviceManager, DeviceStats};
-use crate::vm::Vm;
+use crate::vm::KvmVm;
 
 /// How a removal ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub(super) struct Hotplug {
 impl DeviceManager {
     /// Puts the hot-plug controller on the port bus and wires its GED interrupt; the
     /// DSDT must describe it (`boot::acpi::AcpiOptions::pci_hotplug`).
-    pub fn enable_pci_hotplug(&mut self, vm: &Vm) -> Result<(), DeviceError> {
+    pub fn enable_pci_hotplug(&mut self, vm: &KvmVm) -> Result<(), DeviceError> {
         let ged = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd { what: "GED", source })?);
         vm.register_irqfd(&ged, boot::layout::GED_GSI)?;
         let (sender, rx) = channel();
@@ -115,7 +115,8 @@ impl DeviceManager {
         // taken for the answer to this request.
         while let Ok(stale) = events.try_recv() {
             if let SlotEvent::Ejected(stale) = stale {
-                eprintln!("tandem: warning: the guest ejected slot {stale} unasked; it stays on the bus until removed");
+                self.notices
+                    .warn(format_args!("the guest ejected slot {stale} unasked; it stays on the bus until removed"));
             }
         }
         if let Some(v) = &vectors {

@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use devices::legacy::{AcpiPmControl, Cmos, EventFdTrigger, SerialDevice, I8042};
 
 use super::{DeviceError, DeviceManager};
-use crate::vm::Vm;
+use crate::vm::KvmVm;
 
 const COM1_PORT: u64 = boot::layout::COM1_PORT as u64;
 const COM1_GSI: u32 = boot::layout::COM1_IRQ;
@@ -20,7 +20,7 @@ impl DeviceManager {
     /// register at `acpi_pm_port` (the port the FADT names).
     pub fn add_legacy_devices(
         &mut self,
-        vm: &Vm,
+        vm: &KvmVm,
         serial_out: Box<dyn Write + Send>,
         acpi_pm_port: u16,
     ) -> Result<(), DeviceError> {

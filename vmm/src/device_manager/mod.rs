@@ -14,6 +14,7 @@ pub use hotplug::Removal;
 pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
+use devices::Notices;
 use std::sync::{Arc, Mutex};
 
 use boot::layout::MemoryLayout;
@@ -26,7 +27,7 @@ use self::pci::PciSegment;
 use crate::event_loop::{DeviceEventLoop, EventLoopError};
 use crate::interrupt::{GsiRouting, InterruptError};
 use crate::vcpu::Buses;
-use crate::vm::{Vm, VmError};
+use crate::vm::{KvmVm, VmError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -149,13 +150,16 @@ pub struct DeviceManager {
     pci: Option<PciState>,
     pci_devices: Vec<PciDeviceEntry>,
     hotplug: Option<hotplug::Hotplug>,
+    notices: Notices,
 }
 
 impl DeviceManager {
-    pub fn new(power: PowerSink) -> Self {
+    /// `notices` hears what goes wrong in the devices while the guest runs.
+    pub fn new(power: PowerSink, notices: Notices) -> Self {
         Self {
             buses: Arc::new(Buses::default()),
             power,
+            notices,
             serial: None,
             pci: None,
             pci_devices: Vec::new(),
@@ -165,7 +169,7 @@ impl DeviceManager {
 
     /// Creates the PCI root bus (config ports, ECAM, BAR windows), the MSI routing
     /// table and the device event loop.
-    pub fn enable_pci(&mut self, vm: &Vm, layout: &MemoryLayout) -> Result<(), DeviceError> {
+    pub fn enable_pci(&mut self, vm: &KvmVm, layout: &MemoryLayout) -> Result<(), DeviceError> {
         let segment = PciSegment::new(&self.buses, vm.fd_arc(), vm.device_slots()?, layout)?;
         self.pci = Some(PciState {
             segment,

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use devices::Notices;
 use kvm_bindings::{kvm_create_device, kvm_device_type_KVM_DEV_TYPE_VFIO};
 use kvm_ioctls::VmFd;
 use pci::vfio::{vector_count, HostVfioDevice};
@@ -69,11 +70,17 @@ pub(super) struct VfioHost {
     /// leaves the container, and with the last group the kernel drops the IOMMU and
     /// every DMA mapping in it.
     opened: Vec<Weak<VfioDevice>>,
+    notices: Notices,
 }
 
 impl VfioHost {
     /// The KVM VFIO device and the container live as long as the VM.
-    fn new(vm: &VmFd, memory: GuestMemory, interrupts: InterruptRemapping) -> Result<Self, VfioHostError> {
+    fn new(
+        vm: &VmFd,
+        memory: GuestMemory,
+        interrupts: InterruptRemapping,
+        notices: Notices,
+    ) -> Result<Self, VfioHostError> {
         let mut create = kvm_create_device { type_: kvm_device_type_KVM_DEV_TYPE_VFIO, fd: 0, flags: 0 };
         let kvm_device = vm.create_device(&mut create).map_err(VfioHostError::KvmDevice)?;
         let container = VfioContainer::new(Some(Arc::new(VfioDeviceFd::new_from_kvm(kvm_device))))
@@ -85,6 +92,7 @@ impl VfioHost {
             stats: DmaMapStats::default(),
             interrupts,
             opened: Vec::new(),
+            notices,
         })
     }
 
@@ -122,12 +130,12 @@ impl VfioHost {
     /// Unmaps what `map_guest_ram` mapped; a region the IOMMU would not unmap stays
     /// listed (and pinned), so that it is never mapped twice.
     fn unmap_guest_ram(&mut self) {
-        let container = &self.container;
+        let (container, notices) = (&self.container, &self.notices);
         self.mapped.retain(|&(iova, len)| {
             match container.vfio_dma_unmap(iova, usize::try_from(len).unwrap_or(usize::MAX)) {
                 Ok(()) => false,
                 Err(e) => {
-                    eprintln!("tandem: warning: cannot unmap guest RAM at {iova:#x} from the IOMMU: {e}");
+                    notices.warn(format_args!("cannot unmap guest RAM at {iova:#x} from the IOMMU: {e}"));
                     true
                 }
             }
@@ -280,14 +288,16 @@ impl DeviceManager {
             let interrupts = host.check_interrupt_remapping().map_err(|e| fail(e.into()))?;
             let ram: u64 = pci.memory.iter().map(|r| r.len()).sum();
             host.check_memlock(ram, memlock_limit()).map_err(|e| fail(e.into()))?;
-            pci.vfio = Some(VfioHost::new(&pci.vm, pci.memory.clone(), interrupts).map_err(fail)?);
+            let notices = self.notices.clone();
+            pci.vfio = Some(VfioHost::new(&pci.vm, pci.memory.clone(), interrupts, notices).map_err(fail)?);
         }
         let Some(vfio) = pci.vfio.as_mut() else { return Err(DeviceError::NoPci) };
         let maps_ram = vfio.dma_mappings() == 0;
         let device = vfio.open(sysfs).map_err(fail)?;
         let (interrupts, dma) = (vfio.interrupts, maps_ram.then_some(vfio.stats));
         // On failure the device is dropped (closed) on the way out.
-        let Placed { slot, shared, request, vectors } = Self::place_passthrough(pci, id, &bdf, device, ready)?;
+        let Placed { slot, shared, request, vectors } =
+            Self::place_passthrough(pci, id, &bdf, device, ready, &self.notices)?;
         let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
         let entry = PciDeviceEntry {
             id: id.to_string(),
@@ -320,6 +330,7 @@ impl DeviceManager {
         bdf: &str,
         device: Arc<VfioDevice>,
         ready: Option<DriverReady>,
+        notices: &Notices,
     ) -> Result<Placed, DeviceError> {
         let fail = |reason: String| DeviceError::Backend { id: id.to_string(), reason: format!("{bdf}: {reason}") };
         let ops = HostVfioDevice::new(device);
@@ -333,7 +344,7 @@ impl DeviceManager {
             Ok(true) => Some(Arc::new(request)),
             Ok(false) => None,
             Err(e) => {
-                eprintln!("tandem: warning: {id}: {bdf}: {e}");
+                notices.warn(format_args!("{id}: {bdf}: {e}"));
                 None
             }
         };
@@ -352,7 +363,7 @@ impl DeviceManager {
             };
             if let Err(e) = typed.lock().unwrap_or_else(|e| e.into_inner()).set_intx(line) {
                 // The line stays wired; the guest's next command or MSI write retries it.
-                eprintln!("tandem: warning: {id}: {bdf}: cannot enable INTx yet: {e}");
+                notices.warn(format_args!("{id}: {bdf}: cannot enable INTx yet: {e}"));
             }
         }
         Ok(Placed { slot, shared, request, vectors: watched })

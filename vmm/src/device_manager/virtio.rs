@@ -17,8 +17,9 @@ impl DeviceManager {
     pub fn add_disk(&mut self, disk: &DiskConfig) -> Result<u8, DeviceError> {
         let config =
             BlockConfig { path: disk.path.clone(), readonly: disk.readonly, direct: disk.direct, id: disk.id.clone() };
-        let block =
+        let mut block =
             Block::new(config).map_err(|e| DeviceError::Backend { id: disk.id.clone(), reason: e.to_string() })?;
+        block.set_notices(self.notices.clone());
         let stats = DeviceStats::Block(block.counters());
         self.add_virtio(&disk.id, Box::new(block), stats)
     }
@@ -29,6 +30,7 @@ impl DeviceManager {
             net::NetConfig { tap: nic.tap.clone(), mac: nic.mac, queue_pairs: nic.queues, standby: nic.standby };
         let mut dev =
             Net::new(&config).map_err(|e| DeviceError::Backend { id: nic.id.clone(), reason: e.to_string() })?;
+        dev.set_notices(self.notices.clone());
         if let Some(listener) = standby {
             dev.set_standby_listener(listener);
         }

@@ -351,6 +351,7 @@ impl FakeHost {
             sysfs: Sysfs::with_writer(&self.root, writer).with_vfio_timeout(Duration::from_millis(50)),
             netlink: self.netlink.clone(),
             runtime_dir: self.runtime.clone(),
+            notices: devices::Notices::discard(),
         }
     }
 

@@ -33,8 +33,8 @@ impl Drop for Lease {
     fn drop(&mut self) {
         // Nobody is left to return an error to: say it, as the exit path would.
         match self.release() {
-            Ok(warnings) => warnings.iter().for_each(|w| eprintln!("tandem: warning: {w}")),
-            Err(e) => eprintln!("tandem: warning: {e}"),
+            Ok(warnings) => warnings.iter().for_each(|w| self.host.notices.warn(w)),
+            Err(e) => self.host.notices.warn(e),
         }
     }
 }

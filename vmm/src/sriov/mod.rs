@@ -143,6 +143,8 @@ pub struct Host {
     pub sysfs: Sysfs,
     pub netlink: Arc<dyn VfNetlink>,
     pub runtime_dir: PathBuf,
+    /// Hears what could not be put back when nobody is left to return an error to.
+    pub notices: devices::Notices,
 }
 
 impl std::fmt::Debug for Host {
@@ -154,7 +156,16 @@ impl std::fmt::Debug for Host {
 impl Host {
     /// This machine: sysfs at `/`, rtnetlink, and [`default_runtime_dir`].
     pub fn system() -> Self {
-        Self { sysfs: Sysfs::new("/"), netlink: Arc::new(RtNetlink), runtime_dir: default_runtime_dir() }
+        Self {
+            sysfs: Sysfs::new("/"),
+            netlink: Arc::new(RtNetlink),
+            runtime_dir: default_runtime_dir(),
+            notices: devices::Notices::discard(),
+        }
+    }
+
+    pub fn with_notices(self, notices: devices::Notices) -> Self {
+        Self { notices, ..self }
     }
 }
 

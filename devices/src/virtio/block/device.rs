@@ -17,6 +17,7 @@ use super::disk::Disk;
 use super::execute::{Executor, Negotiated, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS};
 use super::worker::BlockWorker;
 use super::{BlockConfig, BlockCounters, BlockError, ID_BYTES, QUEUE_SIZE, SECTOR_SIZE};
+use crate::notice::{DeviceNotices, Notices};
 use crate::virtio::{ActivateError, ActivatedQueue, GuestMemory, VirtioDevice, VirtioInterrupt, Worker};
 
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
@@ -26,6 +27,7 @@ const CONFIG_LEN: usize = size_of::<virtio_blk_config>();
 pub struct Block {
     disk: Arc<Disk>,
     name: String,
+    log: DeviceNotices,
     id: [u8; ID_BYTES],
     avail_features: u64,
     acked_features: u64,
@@ -63,6 +65,7 @@ impl Block {
         Ok(Self {
             disk: Arc::new(disk),
             name: config.path.display().to_string(),
+            log: DeviceNotices::new(format!("virtio-blk {}", config.path.display()), Notices::discard()),
             id,
             avail_features: features,
             acked_features: 0,
@@ -87,6 +90,11 @@ impl Block {
 
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Where the disk's warnings go (dropped until this is called).
+    pub fn set_notices(&mut self, notices: Notices) {
+        self.log = DeviceNotices::new(self.log.name(), notices);
     }
 
     #[cfg(test)]
@@ -128,7 +136,7 @@ impl Block {
                 discard: self.acked(VIRTIO_BLK_F_DISCARD),
                 write_zeroes: self.acked(VIRTIO_BLK_F_WRITE_ZEROES),
             },
-            name: self.name.clone(),
+            log: self.log.clone(),
             bounce: None,
         };
         Ok(BlockWorker::new(mem, queue, index, notify, interrupt, exec))

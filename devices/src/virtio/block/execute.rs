@@ -12,6 +12,7 @@ use virtio_queue::DescriptorChain;
 use super::disk::{AlignedBuf, Disk};
 use super::request::{parse, ParseError, Request, RequestType, SEGMENT_LEN};
 use super::{should_log, BlockCounters, ID_BYTES, SECTOR_SIZE};
+use crate::notice::DeviceNotices;
 use crate::virtio::GuestMemory;
 
 /// Most segments in one DISCARD or WRITE_ZEROES request (config max_*_seg).
@@ -34,8 +35,7 @@ pub(crate) struct Executor {
     pub(crate) counters: Arc<BlockCounters>,
     pub(crate) id: [u8; ID_BYTES],
     pub(crate) negotiated: Negotiated,
-    /// Display name (the image path) for log messages.
-    pub(crate) name: String,
+    pub(crate) log: DeviceNotices,
     /// O_DIRECT bounce buffer, allocated on first use and kept.
     pub(crate) bounce: Option<AlignedBuf>,
 }
@@ -64,7 +64,7 @@ impl Executor {
     pub(crate) fn log_error(&self, what: std::fmt::Arguments) {
         let n = self.counters.errors.load(Ordering::Relaxed).wrapping_add(1);
         if should_log(n) {
-            eprintln!("tandem: virtio-blk {}: {what} (error {n})", self.name);
+            self.log.warn(format_args!("{what} (error {n})"));
         }
     }
 

@@ -104,7 +104,7 @@ pub struct BlockCounters {
 }
 
 /// A copy of [`BlockCounters`].
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct BlockStats {
     /// Descriptor chains taken from the queue (malformed ones included).
     pub requests: u64,

@@ -40,10 +40,10 @@ impl BlockWorker {
     /// Marks the queue unusable until the driver resets the device: its rings cannot be
     /// read or written, or claim more entries than the queue has.
     fn break_queue(&mut self, e: virtio_queue::Error) {
-        eprintln!(
-            "tandem: virtio-blk {}: queue {} is corrupt ({e}); ignoring it until the driver resets the device",
-            self.exec.name, self.queue_index
-        );
+        self.exec.log.warn(format_args!(
+            "queue {} is corrupt ({e}); ignoring it until the driver resets the device",
+            self.queue_index
+        ));
         self.broken = true;
     }
 
@@ -98,7 +98,7 @@ impl BlockWorker {
         if self.queue.needs_notification(&self.mem).unwrap_or(true) {
             BlockCounters::add(&self.exec.counters.interrupts, 1);
             if let Err(e) = self.interrupt.trigger(VirtioInterruptType::Queue(self.queue_index)) {
-                eprintln!("tandem: virtio-blk {}: cannot raise the queue interrupt: {e}", self.exec.name);
+                self.exec.log.warn(format_args!("cannot raise the queue interrupt: {e}"));
             }
         }
     }
@@ -107,10 +107,7 @@ impl BlockWorker {
 impl MutEventSubscriber for BlockWorker {
     fn init(&mut self, ops: &mut EventOps) {
         if let Err(e) = ops.add(Events::new(&self.notify, EventSet::IN)) {
-            eprintln!(
-                "tandem: virtio-blk {}: cannot watch queue {} notifications: {e}",
-                self.exec.name, self.queue_index
-            );
+            self.exec.log.warn(format_args!("cannot watch queue {} notifications: {e}", self.queue_index));
         }
     }
 
@@ -125,10 +122,7 @@ impl MutEventSubscriber for BlockWorker {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
             Err(e) => {
                 // Level-triggered: an eventfd that cannot be read would wake us forever.
-                eprintln!(
-                    "tandem: virtio-blk {}: cannot read queue notifications ({e}); no longer watching them",
-                    self.exec.name
-                );
+                self.exec.log.warn(format_args!("cannot read queue notifications ({e}); no longer watching them"));
                 let _ = ops.remove(events);
                 return;
             }

@@ -23,7 +23,7 @@ pub struct NetCounters {
 
 /// A copy of [`NetCounters`] at one moment. Bytes count Ethernet frames, without the
 /// virtio-net header.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct NetStats {
     /// Frames delivered to the guest.
     pub rx_packets: u64,

@@ -15,7 +15,7 @@ use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
 
 use super::chain::{parse, read_at, return_chain, write_at, Malformed};
 use super::counters::NetCounters;
-use super::warn;
+use crate::notice::DeviceNotices;
 use crate::virtio::GuestMemory;
 
 /// No command needs more than this (a MAC table of a few thousand entries).
@@ -59,7 +59,7 @@ pub(super) fn process_ctrl(
     mem: &GuestMemory,
     queue: &mut Queue,
     counters: &NetCounters,
-    label: &str,
+    log: &DeviceNotices,
     handle: &mut dyn FnMut(Command) -> bool,
 ) -> CtrlOutcome {
     let mut completed = 0;
@@ -86,7 +86,7 @@ pub(super) fn process_ctrl(
             let used_len = match parsed {
                 Err(m) => {
                     let n = counters.add_malformed();
-                    warn(label, n, format_args!("control chain {head} rejected: {m}"));
+                    log.recurring(n, format_args!("control chain {head} rejected: {m}"));
                     0
                 }
                 Ok(p) => {
@@ -98,7 +98,7 @@ pub(super) fn process_ctrl(
                     let ok = handle(command);
                     if !ok {
                         let n = counters.add_ctrl_rejected();
-                        warn(label, n, format_args!("control command {command:?} answered VIRTIO_NET_ERR"));
+                        log.recurring(n, format_args!("control command {command:?} answered VIRTIO_NET_ERR"));
                     }
                     let ack = if ok { VIRTIO_NET_OK } else { VIRTIO_NET_ERR } as u8;
                     write_at(mem, &p.writable, 0, &[ack]);
@@ -154,7 +154,7 @@ mod tests {
             post(&mem, &vq, 10, &[4, 0, 1]),                     // MQ_VQ_PAIRS_SET with one data byte
         ];
         let mut seen = Vec::new();
-        let out = process_ctrl(&mem, &mut q, &counters, "test", &mut |c| {
+        let out = process_ctrl(&mem, &mut q, &counters, &DeviceNotices::default(), &mut |c| {
             seen.push(c);
             c != Command::SetQueuePairs(9) && !matches!(c, Command::Unsupported { .. })
         });
@@ -193,7 +193,8 @@ mod tests {
             0,
         )
         .unwrap();
-        let out = process_ctrl(&mem, &mut q, &counters, "test", &mut |_| panic!("no command is valid"));
+        let out =
+            process_ctrl(&mem, &mut q, &counters, &DeviceNotices::default(), &mut |_| panic!("no command is valid"));
         assert!(out.broken.is_none(), "{out:?}");
         assert_eq!(used(&vq), vec![(0, 0), (1, 0), (3, 0)]);
         assert_eq!(counters.snapshot().malformed_chains, 3);

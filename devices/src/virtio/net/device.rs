@@ -18,6 +18,7 @@ use super::rx::Rx;
 use super::tap::{Tap, TapInfo};
 use super::worker::{NetWorker, Pair, QueueSlot};
 use super::{format_mac, NetConfig, NetError, CTRL_QUEUE_SIZE, MAX_QUEUE_PAIRS, QUEUE_SIZE};
+use crate::notice::{DeviceNotices, Notices};
 use crate::virtio::{
     ActivateError, ActivatedQueue, GuestMemory, VirtioDevice, VirtioInterrupt, VirtioInterruptType, Worker,
 };
@@ -122,15 +123,15 @@ impl NetLink {
     /// runs, tells it with a configuration-change interrupt. Frames keep flowing
     /// either way: this is what the guest is told, as when a cable is pulled on a
     /// real NIC whose driver then stops using it.
-    pub fn set_up(&self, up: bool) {
+    /// `Err` when the driver could not be told; the status has changed all the same.
+    pub fn set_up(&self, up: bool) -> io::Result<()> {
         let interrupt = self.0.interrupt.lock().unwrap_or_else(|e| e.into_inner());
         if self.0.up.swap(up, Ordering::SeqCst) != up {
             if let Some(irq) = interrupt.as_ref() {
-                if let Err(e) = irq.trigger(VirtioInterruptType::Config) {
-                    eprintln!("tandem: virtio-net: cannot signal the link change: {e}");
-                }
+                irq.trigger(VirtioInterruptType::Config)?;
             }
         }
+        Ok(())
     }
 
     fn set_interrupt(&self, interrupt: Option<Arc<dyn VirtioInterrupt>>) {
@@ -146,7 +147,7 @@ impl fmt::Debug for NetLink {
 
 /// A virtio-net device.
 pub struct Net {
-    label: String,
+    log: DeviceNotices,
     mac: [u8; 6],
     /// One per queue pair; each activation's worker gets duplicates.
     backends: Vec<Box<dyn NetBackend>>,
@@ -170,7 +171,7 @@ pub type StandbyListener = Arc<dyn Fn() + Send + Sync>;
 impl fmt::Debug for Net {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Net")
-            .field("label", &self.label)
+            .field("name", &self.log.name())
             .field("mac", &format_mac(&self.mac))
             .field("queue_pairs", &self.backends.len())
             .field("tap", &self.tap)
@@ -214,6 +215,11 @@ impl Net {
         Ok(Self::build(label.to_string(), mac, backends))
     }
 
+    /// Where the device's warnings go (dropped until this is called).
+    pub fn set_notices(&mut self, notices: Notices) {
+        self.log = DeviceNotices::new(self.log.name(), notices);
+    }
+
     fn build(label: String, mac: [u8; 6], backends: Vec<Box<dyn NetBackend>>) -> Self {
         let pairs = backends.len();
         let mut avail_features = BASE_FEATURES;
@@ -223,7 +229,7 @@ impl Net {
             queue_sizes.push(CTRL_QUEUE_SIZE);
         }
         Self {
-            label,
+            log: DeviceNotices::new(format!("virtio-net {label}"), Notices::discard()),
             mac,
             backends,
             tap: None,
@@ -279,8 +285,8 @@ impl Net {
     }
 
     /// Same as `self.link().set_up(up)`.
-    pub fn set_link(&self, up: bool) {
-        self.link.set_up(up);
+    pub fn set_link(&self, up: bool) -> io::Result<()> {
+        self.link.set_up(up)
     }
 
     fn config_bytes(&self) -> [u8; CONFIG_LEN] {
@@ -351,7 +357,7 @@ impl Net {
                 listener();
             }
         }
-        Ok(NetWorker::new(self.label.clone(), mem, interrupt, Arc::clone(&self.counters), worker_pairs, ctrl))
+        Ok(NetWorker::new(self.log.clone(), mem, interrupt, Arc::clone(&self.counters), worker_pairs, ctrl))
     }
 }
 

@@ -89,12 +89,3 @@ pub fn format_mac(mac: &[u8; 6]) -> String {
     let parts: Vec<String> = mac.iter().map(|b| format!("{b:02x}")).collect();
     parts.join(":")
 }
-
-/// Logs the `n`th occurrence of a recurring guest- or host-caused problem: the first
-/// few, then only every power of two, so that a misbehaving guest cannot flood the
-/// VMM's stderr (the counters have the exact numbers).
-fn warn(label: &str, n: u64, what: std::fmt::Arguments) {
-    if n <= 8 || n.is_power_of_two() {
-        eprintln!("tandem: virtio-net {label}: {what} (occurrence {n})");
-    }
-}

@@ -22,7 +22,8 @@ use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
 use super::backend::{readv, IoVecs};
 use super::chain::{parse, return_chain, write_at, Malformed, Segment, MAX_SEGMENTS};
 use super::counters::NetCounters;
-use super::{warn, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use super::{MAX_FRAME_LEN, NUM_BUFFERS_OFFSET, VNET_HDR_LEN};
+use crate::notice::DeviceNotices;
 use crate::virtio::GuestMemory;
 
 /// With MRG_RXBUF, chains are gathered until they can hold the largest frame, so that
@@ -106,13 +107,13 @@ impl Rx {
         tap: BorrowedFd<'_>,
         counters: &NetCounters,
         budget: usize,
-        label: &str,
+        log: &DeviceNotices,
     ) -> RxOutcome {
         let mut completed = 0;
         let mut reads = 0;
         let mut retried = false;
         let stop = loop {
-            let have_buffers = match self.fill(mem, queue, counters, label, &mut completed) {
+            let have_buffers = match self.fill(mem, queue, counters, log, &mut completed) {
                 Ok(popped) => {
                     if popped {
                         retried = false;
@@ -142,7 +143,7 @@ impl Rx {
                 break RxStop::Budget;
             }
             reads += 1;
-            match self.read_frame(mem, queue, tap, counters, label, &mut completed) {
+            match self.read_frame(mem, queue, tap, counters, log, &mut completed) {
                 Flow::Continue => {}
                 Flow::Stop(stop) => break stop,
             }
@@ -157,7 +158,7 @@ impl Rx {
         mem: &GuestMemory,
         queue: &mut Queue,
         counters: &NetCounters,
-        label: &str,
+        log: &DeviceNotices,
         completed: &mut usize,
     ) -> Result<bool, QueueError> {
         let mut popped = false;
@@ -170,7 +171,7 @@ impl Rx {
             } else if self.enough_held() {
                 return Ok(popped);
             }
-            if !self.pop_chain(mem, queue, counters, label, completed)? {
+            if !self.pop_chain(mem, queue, counters, log, completed)? {
                 return Ok(popped);
             }
             popped = true;
@@ -193,7 +194,7 @@ impl Rx {
         mem: &GuestMemory,
         queue: &mut Queue,
         counters: &NetCounters,
-        label: &str,
+        log: &DeviceNotices,
         completed: &mut usize,
     ) -> Result<bool, QueueError> {
         loop {
@@ -219,7 +220,7 @@ impl Rx {
                 }
                 Err(m) => {
                     let n = counters.add_malformed();
-                    warn(label, n, format_args!("receive chain {head} rejected: {m}"));
+                    log.recurring(n, format_args!("receive chain {head} rejected: {m}"));
                     *completed += usize::from(return_chain(mem, queue, head, 0)?);
                 }
             }
@@ -260,7 +261,7 @@ impl Rx {
         queue: &mut Queue,
         tap: BorrowedFd<'_>,
         counters: &NetCounters,
-        label: &str,
+        log: &DeviceNotices,
         completed: &mut usize,
     ) -> Flow {
         let mut iov = IoVecs::new();
@@ -287,14 +288,13 @@ impl Rx {
         };
         if n < VNET_HDR_LEN || n >= guest_capacity + spill_len {
             let n_drop = counters.add_rx_dropped();
-            warn(label, n_drop, format_args!("dropped a received frame of {n} bytes: no valid frame has that size"));
+            log.recurring(n_drop, format_args!("dropped a received frame of {n} bytes: no valid frame has that size"));
             return Flow::Continue;
         }
         if n > guest_capacity {
             if !self.mergeable {
                 let n_drop = counters.add_rx_dropped();
-                warn(
-                    label,
+                log.recurring(
                     n_drop,
                     format_args!(
                         "dropped a received frame of {n} bytes: the driver's buffer holds {guest_capacity} and \
@@ -403,7 +403,7 @@ mod tests {
 
         // Without GUEST_CSUM, the header's flags (DATA_VALID from the tap) are cleared.
         let mut rx = Rx::new(false, false);
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
         assert_eq!(out.completed, 1);
         assert_eq!(used(&vq), vec![(0, 1512)]);
@@ -425,7 +425,7 @@ mod tests {
         b.host.send(&host_frame(100, 2)).unwrap();
 
         let mut rx = Rx::new(false, true);
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
         // The big frame is dropped; the chain then takes the small one.
         assert_eq!(used(&vq), vec![(0, 112)]);
@@ -448,7 +448,7 @@ mod tests {
         b.host.send(&small).unwrap();
 
         let mut rx = Rx::new(true, true);
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
         assert_eq!(used(&vq), vec![(0, 1024), (1, 1024), (2, 464), (3, 72)]);
         assert_eq!(num_buffers(&b.mem, BUF), 3);
@@ -475,7 +475,7 @@ mod tests {
         b.host.send(&next).unwrap();
 
         let mut rx = Rx::new(true, true);
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers) && out.completed == 0, "{out:?}");
         assert!(used(&vq).is_empty(), "nothing is used before the whole frame is in");
 
@@ -483,7 +483,7 @@ mod tests {
         // the next frame (which waited in the tap) takes the last one.
         vq.add_desc_chains(&[desc(BUF + 0x1000, 1024, W, 0), desc(BUF + 0x2000, 1024, W, 0)], 1).unwrap();
         vq.add_desc_chains(&[desc(BUF + 0x3000, 1024, W, 0)], 3).unwrap();
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
         assert_eq!(used(&vq), vec![(0, 1024), (1, 1024), (2, 964), (3, 52)]);
         assert_eq!(num_buffers(&b.mem, BUF), 3);
@@ -511,7 +511,7 @@ mod tests {
         )
         .unwrap();
         let mut rx = Rx::new(true, true);
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::TapEmpty), "{out:?}");
         assert_eq!(used(&vq), vec![(0, 0), (1, 0), (2, 0), (4, 0)]);
         assert_eq!(b.counters.snapshot().malformed_chains, 4);
@@ -519,7 +519,7 @@ mod tests {
         // The valid chain is held for the next frame.
         let frame = host_frame(64, 8);
         b.host.send(&frame).unwrap();
-        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, "test");
+        let out = rx.process(&b.mem, &mut q, b.tap.as_fd(), &b.counters, 64, &DeviceNotices::default());
         assert!(matches!(out.stop, RxStop::NoBuffers), "{out:?}");
         assert_eq!(used(&vq)[4], (3, 76));
     }

@@ -249,21 +249,21 @@ fn activation_checks_features_and_queues() {
 fn link_changes_raise_a_config_interrupt_while_active() {
     let mut r = rig(1);
     let link = r.net.link();
-    link.set_up(false); // no driver yet: just the status
+    link.set_up(false).unwrap(); // no driver yet: just the status
     assert!(r.irq.take().is_empty());
     let mut status = [0u8; 2];
     r.net.read_config(6, &mut status);
     assert_eq!(status, [0, 0]);
 
     r.activate(V1, 2).unwrap();
-    r.net.set_link(true);
-    r.net.set_link(true); // no change, no interrupt
+    r.net.set_link(true).unwrap();
+    r.net.set_link(true).unwrap(); // no change, no interrupt
     assert_eq!(r.irq.take(), vec![VirtioInterruptType::Config]);
     r.net.read_config(6, &mut status);
     assert_eq!(status, [1, 0]);
 
     r.reset();
-    link.set_up(false);
+    link.set_up(false).unwrap();
     assert!(r.irq.take().is_empty(), "no interrupt for a reset device");
 }
 

@@ -10,7 +10,8 @@ use virtio_queue::{Error as QueueError, Queue, QueueOwnedT, QueueT};
 use super::backend::{writev, IoVecs};
 use super::chain::{parse, return_chain, Malformed};
 use super::counters::NetCounters;
-use super::{warn, MAX_FRAME_LEN, VNET_HDR_LEN};
+use super::{MAX_FRAME_LEN, VNET_HDR_LEN};
+use crate::notice::DeviceNotices;
 use crate::virtio::GuestMemory;
 
 /// Why transmission stopped.
@@ -48,7 +49,7 @@ pub(super) fn process_tx(
     tap: BorrowedFd<'_>,
     counters: &NetCounters,
     budget: usize,
-    label: &str,
+    log: &DeviceNotices,
     completed_chain: &mut dyn FnMut(&mut Queue),
 ) -> TxOutcome {
     let mut completed = 0;
@@ -85,7 +86,7 @@ pub(super) fn process_tx(
                 Ok(p) => p,
                 Err(m) => {
                     let n = counters.add_malformed();
-                    warn(label, n, format_args!("transmit chain {head} rejected: {m}"));
+                    log.recurring(n, format_args!("transmit chain {head} rejected: {m}"));
                     match return_chain(mem, queue, head, 0) {
                         Ok(added) => completed += usize::from(added),
                         Err(e) => break 'outer TxStop::Broken(e),
@@ -112,7 +113,7 @@ pub(super) fn process_tx(
                     // EINVAL for a header the tap rejects, EIO while the interface is
                     // down, EBADFD once it is gone: the frame cannot be sent, ever.
                     let n = counters.add_tx_dropped();
-                    warn(label, n, format_args!("the tap refused a frame: {e}"));
+                    log.recurring(n, format_args!("the tap refused a frame: {e}"));
                 }
             }
             // A device-readable-only chain: nothing written, used length 0.
@@ -145,7 +146,7 @@ mod tests {
     use crate::virtio::net::test_util::*;
 
     fn run(mem: &GuestMemory, q: &mut Queue, tap: BorrowedFd<'_>, c: &NetCounters) -> TxOutcome {
-        process_tx(mem, q, tap, c, 64, "test", &mut |_| {})
+        process_tx(mem, q, tap, c, 64, &DeviceNotices::default(), &mut |_| {})
     }
 
     #[test]
@@ -263,9 +264,9 @@ mod tests {
         let (tap, peer) = datagram_pair();
         let counters = NetCounters::default();
         vq.add_desc_chains(&[desc(BUF, 20, 0, 0), desc(BUF, 20, 0, 0), desc(BUF, 20, 0, 0)], 0).unwrap();
-        let out = process_tx(&mem, &mut q, tap.as_fd(), &counters, 2, "test", &mut |_| {});
+        let out = process_tx(&mem, &mut q, tap.as_fd(), &counters, 2, &DeviceNotices::default(), &mut |_| {});
         assert!(matches!(out.stop, TxStop::Budget) && out.completed == 2, "{out:?}");
-        let out = process_tx(&mem, &mut q, tap.as_fd(), &counters, 2, "test", &mut |_| {});
+        let out = process_tx(&mem, &mut q, tap.as_fd(), &counters, 2, &DeviceNotices::default(), &mut |_| {});
         assert!(matches!(out.stop, TxStop::Drained) && out.completed == 1, "{out:?}");
         drop(peer);
     }
@@ -282,7 +283,9 @@ mod tests {
         vq.add_desc_chains(&[desc(BUF, 20, 0, 0), desc(BUF, 20, W, 0), desc(BUF, 20, 0, 0)], 0).unwrap();
         let mut seen = Vec::new();
         let out =
-            process_tx(&mem, &mut q, tap.as_fd(), &counters, 64, "test", &mut |q: &mut Queue| seen.push(q.next_used()));
+            process_tx(&mem, &mut q, tap.as_fd(), &counters, 64, &DeviceNotices::default(), &mut |q: &mut Queue| {
+                seen.push(q.next_used())
+            });
         assert!(matches!(out.stop, TxStop::Drained), "{out:?}");
         // The used index had already moved past each chain when the caller heard of it.
         assert_eq!(seen, vec![1, 2, 3]);

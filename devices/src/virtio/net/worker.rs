@@ -22,7 +22,7 @@ use super::counters::NetCounters;
 use super::ctrl::{process_ctrl, Command};
 use super::rx::{Rx, RxStop};
 use super::tx::{process_tx, TxStop};
-use super::warn;
+use crate::notice::DeviceNotices;
 use crate::virtio::{GuestMemory, VirtioInterrupt, VirtioInterruptType};
 
 /// Frames read per tap wake-up, chains sent per notification, before yielding.
@@ -77,25 +77,31 @@ impl QueueSlot {
         Self { index, queue, notify, broken: false }
     }
 
-    fn mark_broken(&mut self, label: &str, e: virtio_queue::Error) {
-        eprintln!(
-            "tandem: virtio-net {label}: queue {} is unusable ({e}); ignoring it until the driver resets the device",
+    fn mark_broken(&mut self, log: &DeviceNotices, e: virtio_queue::Error) {
+        log.warn(format_args!(
+            "queue {} is unusable ({e}); ignoring it until the driver resets the device",
             self.index
-        );
+        ));
         self.broken = true;
     }
 
     /// Raises the queue's interrupt unless the driver asked not to be told (EVENT_IDX).
-    fn signal(&mut self, mem: &GuestMemory, interrupt: &dyn VirtioInterrupt, label: &str) {
-        signal_queue(&mut self.queue, self.index, mem, interrupt, label);
+    fn signal(&mut self, mem: &GuestMemory, interrupt: &dyn VirtioInterrupt, log: &DeviceNotices) {
+        signal_queue(&mut self.queue, self.index, mem, interrupt, log);
     }
 }
 
-fn signal_queue(queue: &mut Queue, index: u16, mem: &GuestMemory, interrupt: &dyn VirtioInterrupt, label: &str) {
+fn signal_queue(
+    queue: &mut Queue,
+    index: u16,
+    mem: &GuestMemory,
+    interrupt: &dyn VirtioInterrupt,
+    log: &DeviceNotices,
+) {
     // If used_event cannot be read, err on the side of an interrupt too many.
     if queue.needs_notification(mem).unwrap_or(true) {
         if let Err(e) = interrupt.trigger(VirtioInterruptType::Queue(index)) {
-            eprintln!("tandem: virtio-net {label}: cannot raise the interrupt of queue {index}: {e}");
+            log.warn(format_args!("cannot raise the interrupt of queue {index}: {e}"));
         }
     }
 }
@@ -131,7 +137,7 @@ impl Pair {
     }
 
     /// Brings the tap fd's epoll registration in line with the pair's state.
-    fn sync_tap(&mut self, index: usize, ops: &mut EventOps, counters: &NetCounters, label: &str) {
+    fn sync_tap(&mut self, index: usize, ops: &mut EventOps, counters: &NetCounters, log: &DeviceNotices) {
         let want = (self.active && !self.failed).then(|| {
             let mut set = EventSet::empty();
             if self.rx_armed {
@@ -154,7 +160,7 @@ impl Pair {
             Ok(()) => self.registered = want,
             Err(e) => {
                 let n = counters.add_backend_error();
-                warn(label, n, format_args!("cannot update the event loop's watch of tap queue {index}: {e}"));
+                log.recurring(n, format_args!("cannot update the event loop's watch of tap queue {index}: {e}"));
             }
         }
     }
@@ -162,7 +168,7 @@ impl Pair {
 
 /// The running device: an event-manager subscriber.
 pub struct NetWorker {
-    label: String,
+    log: DeviceNotices,
     mem: GuestMemory,
     interrupt: Arc<dyn VirtioInterrupt>,
     counters: Arc<NetCounters>,
@@ -172,14 +178,14 @@ pub struct NetWorker {
 
 impl NetWorker {
     pub(super) fn new(
-        label: String,
+        log: DeviceNotices,
         mem: GuestMemory,
         interrupt: Arc<dyn VirtioInterrupt>,
         counters: Arc<NetCounters>,
         pairs: Vec<Pair>,
         ctrl: Option<QueueSlot>,
     ) -> Self {
-        Self { label, mem, interrupt, counters, pairs, ctrl }
+        Self { log, mem, interrupt, counters, pairs, ctrl }
     }
 
     /// What epoll watches on pair `index`'s tap fd (None: not registered).
@@ -189,38 +195,37 @@ impl NetWorker {
     }
 
     fn run_rx(&mut self, index: usize) {
-        let Self { label, mem, interrupt, counters, pairs, .. } = self;
+        let Self { log, mem, interrupt, counters, pairs, .. } = self;
         let Some(pair) = pairs.get_mut(index) else { return };
         let usable = pair.active && !pair.failed;
         let Some(rx) = pair.rx.as_mut().filter(|rx| usable && !rx.broken) else {
             pair.rx_armed = false;
             return;
         };
-        let out = pair.rx_state.process(mem, &mut rx.queue, pair.backend.as_fd(), counters, RX_BUDGET, label);
+        let out = pair.rx_state.process(mem, &mut rx.queue, pair.backend.as_fd(), counters, RX_BUDGET, log);
         match out.stop {
             RxStop::TapEmpty | RxStop::Budget => {}
             RxStop::NoBuffers => pair.rx_armed = false,
             RxStop::Backend(e) => {
                 pair.rx_armed = false;
                 let n = counters.add_backend_error();
-                warn(
-                    label,
+                log.recurring(
                     n,
                     format_args!("reading tap queue {index} failed: {e}; retrying at the driver's next notification"),
                 );
             }
             RxStop::Broken(e) => {
                 pair.rx_armed = false;
-                rx.mark_broken(label, e);
+                rx.mark_broken(log, e);
             }
         }
         if out.completed > 0 {
-            rx.signal(mem, interrupt.as_ref(), label);
+            rx.signal(mem, interrupt.as_ref(), log);
         }
     }
 
     fn run_tx(&mut self, index: usize) {
-        let Self { label, mem, interrupt, counters, pairs, .. } = self;
+        let Self { log, mem, interrupt, counters, pairs, .. } = self;
         let Some(pair) = pairs.get_mut(index) else { return };
         if pair.tx_blocked {
             return; // resumes on EPOLLOUT
@@ -230,8 +235,8 @@ impl NetWorker {
         // tap queue refuses the frames, which are then dropped and counted rather than
         // left to stall the driver.
         let index = tx.index;
-        let mut signal = |queue: &mut Queue| signal_queue(queue, index, mem, interrupt.as_ref(), label);
-        let out = process_tx(mem, &mut tx.queue, pair.backend.as_fd(), counters, TX_BUDGET, label, &mut signal);
+        let mut signal = |queue: &mut Queue| signal_queue(queue, index, mem, interrupt.as_ref(), log);
+        let out = process_tx(mem, &mut tx.queue, pair.backend.as_fd(), counters, TX_BUDGET, log, &mut signal);
         match out.stop {
             TxStop::Drained => {}
             TxStop::TapFull => pair.tx_blocked = true,
@@ -240,16 +245,16 @@ impl NetWorker {
                 // ourselves, since the driver will not send another (notifications
                 // are off while we have chains to process).
                 if let Err(e) = tx.notify.write(1) {
-                    eprintln!("tandem: virtio-net {label}: cannot reschedule queue {}: {e}", tx.index);
+                    log.warn(format_args!("cannot reschedule queue {}: {e}", tx.index));
                 }
             }
-            TxStop::Broken(e) => tx.mark_broken(label, e),
+            TxStop::Broken(e) => tx.mark_broken(log, e),
         }
     }
 
     fn sync_tap(&mut self, index: usize, ops: &mut EventOps) {
         if let Some(pair) = self.pairs.get_mut(index) {
-            pair.sync_tap(index, ops, &self.counters, &self.label);
+            pair.sync_tap(index, ops, &self.counters, &self.log);
         }
     }
 
@@ -279,7 +284,7 @@ impl NetWorker {
             pair.rx_armed = false;
             pair.tx_blocked = false;
             self.counters.add_backend_error();
-            eprintln!("tandem: virtio-net {}: tap queue {index} reported an error; no longer using it", self.label);
+            self.log.warn(format_args!("tap queue {index} reported an error; no longer using it"));
             self.sync_tap(index, ops);
             self.run_tx(index);
             return;
@@ -295,26 +300,32 @@ impl NetWorker {
     }
 
     fn on_ctrl_notify(&mut self, ops: &mut EventOps) {
-        let Self { label, mem, interrupt, counters, pairs, ctrl } = self;
+        let Self { log, mem, interrupt, counters, pairs, ctrl } = self;
         let Some(ctrl) = ctrl.as_mut().filter(|c| !c.broken) else { return };
-        let out = process_ctrl(mem, &mut ctrl.queue, counters, label, &mut |command| match command {
-            Command::SetQueuePairs(n) => set_active_pairs(pairs, n, ops, counters, label),
+        let out = process_ctrl(mem, &mut ctrl.queue, counters, log, &mut |command| match command {
+            Command::SetQueuePairs(n) => set_active_pairs(pairs, n, ops, counters, log),
             // The tap gives us every frame; the guest's stack filters what it gets.
             Command::RxMode | Command::MacTable => true,
             Command::Unsupported { .. } => false,
         });
         if let Some(e) = out.broken {
-            ctrl.mark_broken(label, e);
+            ctrl.mark_broken(log, e);
         }
         if out.completed > 0 {
-            ctrl.signal(mem, interrupt.as_ref(), label);
+            ctrl.signal(mem, interrupt.as_ref(), log);
         }
     }
 }
 
 /// MQ_VQ_PAIRS_SET: the first `n` pairs are used, the others' tap queues detached (so
 /// the host stops steering frames to them) and no longer watched.
-fn set_active_pairs(pairs: &mut [Pair], n: u16, ops: &mut EventOps, counters: &NetCounters, label: &str) -> bool {
+fn set_active_pairs(
+    pairs: &mut [Pair],
+    n: u16,
+    ops: &mut EventOps,
+    counters: &NetCounters,
+    log: &DeviceNotices,
+) -> bool {
     let n = usize::from(n);
     if n == 0 || n > pairs.len() {
         return false;
@@ -327,16 +338,13 @@ fn set_active_pairs(pairs: &mut [Pair], n: u16, ops: &mut EventOps, counters: &N
         }
         if let Err(e) = pair.backend.set_queue_enabled(want) {
             counters.add_backend_error();
-            eprintln!(
-                "tandem: virtio-net {label}: cannot {} tap queue {i}: {e}",
-                if want { "attach" } else { "detach" }
-            );
+            log.warn(format_args!("cannot {} tap queue {i}: {e}", if want { "attach" } else { "detach" }));
             ok = false;
             continue;
         }
         pair.active = want;
         pair.rx_armed = want && pair.rx.as_ref().is_some_and(|rx| !rx.broken);
-        pair.sync_tap(i, ops, counters, label);
+        pair.sync_tap(i, ops, counters, log);
     }
     ok
 }
@@ -346,7 +354,7 @@ impl MutEventSubscriber for NetWorker {
         let mut watch = |slot: &QueueSlot, source: Source| {
             if let Err(e) = ops.add(Events::with_data(&slot.notify, source.token(), EventSet::IN)) {
                 self.counters.add_backend_error();
-                eprintln!("tandem: virtio-net {}: cannot watch queue {}: {e}", self.label, slot.index);
+                self.log.warn(format_args!("cannot watch queue {}: {e}", slot.index));
                 return;
             }
             // A pass over queues the driver may have filled before we were watching.
@@ -396,7 +404,7 @@ impl MutEventSubscriber for NetWorker {
             Some(Source::Tap(i)) => self.on_tap_event(i, events.event_set(), ops),
             None => {
                 let n = self.counters.add_backend_error();
-                warn(&self.label, n, format_args!("unexpected event {:#x}", events.data()));
+                self.log.recurring(n, format_args!("unexpected event {:#x}", events.data()));
             }
         }
     }
