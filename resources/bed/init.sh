@@ -7,6 +7,7 @@
 #   INSMOD-FAIL <module>          a module of the base image did not load
 #   L1-INIT-OK nproc=<n> mem_kb=<MemTotal>
 #   L1-NO-SCENARIO                no /scenario.sh (it comes from the overlay archive)
+#   L1-SECCOMP <audit record>     a VMM thread made a call outside its seccomp filter
 #   L1-SCENARIO-EXIT rc=<rc>      /scenario.sh ran and exited with rc
 #   L1-SCENARIO-TIMEOUT after=<s> tandem.scenario_timeout=<s> ran out; L1-STUCK-* lines follow
 #                                 (processes, tandem/QEMU threads' kernel stacks, run logs)
@@ -70,7 +71,11 @@ if [ -f /scenario.sh ]; then
     watchdog=$!
   fi
   wait $scenario
-  echo "L1-SCENARIO-EXIT rc=$?"
+  _rc=$?
+  # Calls a VMM thread made outside its seccomp filter (killed with `on`, let through
+  # with `log`), as the kernel's audit log tells them.
+  dmesg | grep -o 'type=1326.*' | sed 's/^/L1-SECCOMP /'
+  echo "L1-SCENARIO-EXIT rc=$_rc"
   [ -z "${watchdog:-}" ] || kill "$watchdog" 2>/dev/null
 else
   echo "L1-NO-SCENARIO"

@@ -16,6 +16,7 @@ use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair};
 use crate::memory::RamBacking;
 use crate::passthrough::NicInfo;
 use crate::runner::{FailoverSetup, Vm, VmParts};
+use crate::seccomp::SeccompFilters;
 use crate::sriov::{Host, Leases};
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{KvmVm, VmError};
@@ -73,6 +74,8 @@ pub enum BuildError {
     Cpuid(#[source] kvm_ioctls::Error),
     #[error(transparent)]
     Sriov(#[from] crate::sriov::SriovError),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// Builds the VM `config` describes, its vCPUs not started; `notices` hears what
@@ -95,6 +98,7 @@ pub(crate) fn build(config: &VmConfig, notices: Notices) -> Result<Vm, BuildErro
     // User mistakes first: a wrong path should not be reported as a KVM problem.
     let mut kernel_file = open("kernel", &config.kernel)?;
     let mut initrd_file = config.initramfs.as_deref().map(|p| open("initramfs", p)).transpose()?;
+    let seccomp = SeccompFilters::new(config.seccomp)?;
     let kvm = KvmVm::open_kvm()?;
     check_host_limits(&kvm, config)?;
     if !config.vfs.is_empty() || !config.devices.is_empty() {
@@ -142,6 +146,7 @@ pub(crate) fn build(config: &VmConfig, notices: Notices) -> Result<Vm, BuildErro
 
     let latch = Arc::new(ExitLatch::new().map_err(BuildError::ExitEvent)?);
     let mut devices = DeviceManager::new(latch.power_sink(), notices.clone());
+    devices.set_seccomp(seccomp.clone());
     devices.add_legacy_devices(&vm, serial_output(&config.serial)?, boot::layout::ACPI_SLEEP_PORT)?;
     devices.enable_pci(&vm, &layout)?;
     devices.enable_pci_hotplug(&vm)?;
@@ -193,7 +198,8 @@ pub(crate) fn build(config: &VmConfig, notices: Notices) -> Result<Vm, BuildErro
     let failover = FailoverSetup { pairs, nics, events, events_rx };
     let stdin_to_serial = config.serial == SerialConfig::Stdio;
     let (cpus, memory) = (config.cpus, config.memory);
-    Ok(Vm::from_parts(VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory }))
+    let parts = VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory, seccomp };
+    Ok(Vm::from_parts(parts))
 }
 
 /// The failover pairs of `config`, their VFs leased (MAC set) and now parked: the MAC

@@ -21,6 +21,8 @@ pub enum ConfigError {
     DuplicateId(String),
     #[error("--vf {vf}: {reason}; e.g. --net tap=tap0,id=net0,standby=on --vf pf=eth0,index=0,failover=net0")]
     Failover { vf: String, reason: String },
+    #[error("{0}")]
+    Seccomp(String),
     #[error("the VM's JSON configuration: {0}; see `tandem --help` for what each key takes")]
     Document(String),
     #[error("--memory {value:?}: {reason}; e.g. --memory 2G or --memory size=2G,hugepages=on")]
@@ -94,6 +96,8 @@ pub struct VmConfig {
     pub vfs: Vec<crate::sriov::VfSpec>,
     /// Host PCI devices to pass through whole.
     pub devices: Vec<crate::sriov::DeviceSpec>,
+    /// What each VMM thread may ask of the kernel (see [`crate::seccomp`]).
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 impl VmConfig {
@@ -116,6 +120,7 @@ impl VmConfig {
             disks: Vec::new(),
             vfs: Vec::new(),
             devices: Vec::new(),
+            seccomp: Default::default(),
         }
     }
 

@@ -39,6 +39,9 @@ pub struct ConfigDocument {
     pub vf: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub device: Vec<String>,
+    /// As `--seccomp`: `on`, `log` or `off`.
+    #[serde(default = "on_str")]
+    pub seccomp: String,
 }
 
 fn default_cmdline() -> String {
@@ -52,6 +55,9 @@ fn default_memory() -> String {
 }
 fn stdio() -> String {
     "stdio".to_string()
+}
+fn on_str() -> String {
+    "on".to_string()
 }
 
 impl ConfigDocument {
@@ -68,6 +74,7 @@ impl ConfigDocument {
             disk: Vec::new(),
             vf: Vec::new(),
             device: Vec::new(),
+            seccomp: on_str(),
         }
     }
 
@@ -107,6 +114,10 @@ impl TryFrom<ConfigDocument> for VmConfig {
             disks: each(&doc.disk, DiskConfig::parse)?,
             vfs: each(&doc.vf, VfSpec::parse)?,
             devices: each(&doc.device, DeviceSpec::parse)?,
+            seccomp: doc
+                .seccomp
+                .parse()
+                .map_err(|e: crate::seccomp::SeccompError| ConfigError::Seccomp(e.to_string()))?,
         };
         config.validate()?;
         Ok(config)
@@ -131,6 +142,7 @@ impl From<&VmConfig> for ConfigDocument {
             disk: c.disks.iter().map(disk_spec).collect(),
             vf: c.vfs.iter().map(vf_spec).collect(),
             device: c.devices.iter().map(|d| format!("path={},id={}", d.path.display(), d.id)).collect(),
+            seccomp: c.seccomp.to_string(),
         }
     }
 }
@@ -215,6 +227,7 @@ mod tests {
             disk: vec!["path=disk.img,readonly=on".into()],
             vf: vec!["pf=eth0,index=3,vlan=100,spoofchk=off,trust=on,failover=net0,auto=off".into()],
             device: vec!["path=/sys/bus/pci/devices/0000:01:00.1".into()],
+            seccomp: "log".into(),
         }
     }
 

@@ -12,6 +12,8 @@ use std::thread::JoinHandle;
 use devices::virtio::Worker;
 use event_manager::{EventManager, RemoteEndpoint, SubscriberId, SubscriberOps};
 
+use crate::seccomp::{SeccompFilters, ThreadKind};
+
 #[derive(Debug, thiserror::Error)]
 pub enum EventLoopError {
     #[error("cannot create the device event loop: {0}")]
@@ -33,24 +35,23 @@ pub struct DeviceEventLoop {
 }
 
 impl DeviceEventLoop {
-    pub fn start() -> Result<Self, EventLoopError> {
+    /// Starts the loop's thread, filtered with `seccomp` before it handles any event.
+    pub fn start(seccomp: &SeccompFilters) -> Result<Self, EventLoopError> {
         let mut manager = EventManager::<Worker>::new().map_err(|e| EventLoopError::Create(format!("{e:?}")))?;
         let endpoint = manager.remote_endpoint();
         let stop = Arc::new(AtomicBool::new(false));
         let stop_rx = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name("devices".into())
-            .spawn(move || {
-                while !stop_rx.load(Ordering::Acquire) {
-                    // An error here is an epoll failure on our own fds; retrying cannot
-                    // help and spinning would burn a core, so the loop ends and the
-                    // devices stop answering (the guest sees timeouts, not a crash).
-                    if manager.run().is_err() {
-                        break;
-                    }
+        let thread = crate::seccomp::spawn("devices", seccomp, ThreadKind::Devices, move || {
+            while !stop_rx.load(Ordering::Acquire) {
+                // An error here is an epoll failure on our own fds; retrying cannot
+                // help and spinning would burn a core, so the loop ends and the
+                // devices stop answering (the guest sees timeouts, not a crash).
+                if manager.run().is_err() {
+                    break;
                 }
-            })
-            .map_err(EventLoopError::Spawn)?;
+            }
+        })
+        .map_err(EventLoopError::Spawn)?;
         Ok(Self { endpoint, stop, thread: Mutex::new(Some(thread)), ids: Mutex::new((0, HashMap::new())) })
     }
 
@@ -147,7 +148,7 @@ mod tests {
 
     #[test]
     fn workers_run_and_are_removed() {
-        let lp = DeviceEventLoop::start().unwrap();
+        let lp = DeviceEventLoop::start(&Default::default()).unwrap();
         let evt = EventFd::new(EFD_NONBLOCK).unwrap();
         let (tx, rx) = mpsc::channel();
         let id = lp.add(Box::new(Echo { evt: evt.try_clone().unwrap(), seen: tx })).unwrap();

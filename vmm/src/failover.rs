@@ -203,6 +203,7 @@ impl FailoverWorker {
         events: Arc<FailoverEvents>,
         rx: Receiver<FailoverEvent>,
         pfs: HashMap<u32, String>,
+        seccomp: &crate::seccomp::SeccompFilters,
     ) -> std::io::Result<Self> {
         // Opened here so that a host without rtnetlink fails the start, not later.
         let watch = if pfs.is_empty() {
@@ -211,9 +212,8 @@ impl FailoverWorker {
             Some(LinkWatch::open().map_err(|e| std::io::Error::other(format!("watching the PFs' links: {e}")))?)
         };
         let wake = events.clone();
-        let thread = std::thread::Builder::new()
-            .name("failover".into())
-            .spawn(move || run(passthrough, wake, rx, watch, pfs))?;
+        let kind = crate::seccomp::ThreadKind::Control;
+        let thread = crate::seccomp::spawn("failover", seccomp, kind, move || run(passthrough, wake, rx, watch, pfs))?;
         Ok(Self { events, thread: Some(thread) })
     }
 }

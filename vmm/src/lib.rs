@@ -30,6 +30,7 @@ pub mod interrupt;
 pub mod memory;
 pub mod passthrough;
 pub mod runner;
+pub mod seccomp;
 pub mod sriov;
 pub mod terminal;
 pub mod vcpu;

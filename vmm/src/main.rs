@@ -24,7 +24,7 @@ struct Cli {
     /// The whole VM from a JSON file whose keys are these flags' names (kernel, initramfs,
     /// cmdline, cpus, memory, serial, and net, disk, vf, device as lists of the strings
     /// those flags take), instead of the flags. Example: --config vm.json
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "net", "disk", "vf", "device"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["kernel", "initramfs", "cmdline", "cpus", "memory", "serial", "net", "disk", "vf", "device", "seccomp"])]
     config: Option<PathBuf>,
 
     /// Guest kernel: a bzImage or an ELF vmlinux. Example: --kernel /boot/vmlinuz-6.1.0-amd64
@@ -78,6 +78,12 @@ struct Cli {
     #[arg(long, value_name = "path=/sys/bus/pci/devices/BDF[,id=ID]")]
     device: Vec<String>,
 
+    /// What the VMM's threads may ask of the kernel: on (a seccomp filter per thread kind;
+    /// any other system call kills tandem), log (allowed, logged by the kernel: dmesg |
+    /// grep type=1326), or off. Example: --seccomp log
+    #[arg(long, value_name = "on|log|off", default_value = "on")]
+    seccomp: String,
+
     /// Serve the control socket (JSON over HTTP/1.1) at PATH while the VM runs; steer it
     /// with `tandem ctl --api-socket PATH ...`. Example: --api-socket /run/tandem/vm0.sock
     #[arg(long, value_name = "PATH")]
@@ -125,6 +131,7 @@ impl Cli {
                     disk: self.disk,
                     vf: self.vf,
                     device: self.device,
+                    seccomp: self.seccomp,
                 }
             }
         };

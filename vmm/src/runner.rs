@@ -12,6 +12,7 @@ use crate::exit::{ExitLatch, GuestExit};
 use crate::failover::{FailoverEvent, FailoverEvents, FailoverPair, FailoverWorker, Switch};
 use crate::handle::{KickTarget, VmHandle};
 use crate::passthrough::{NicInfo, Passthrough};
+use crate::seccomp::SeccompFilters;
 use crate::sriov::{Host, Leases};
 use crate::terminal::StdinPump;
 use crate::vcpu::{install_kick_handler, ExitCounters, PauseGate, Vcpu, VcpuHandle, VcpuShared};
@@ -82,6 +83,8 @@ pub struct VmParts {
     pub host: Host,
     pub cpus: u32,
     pub memory: u64,
+    /// The filters each thread installs on itself (see [`crate::seccomp`]).
+    pub seccomp: SeccompFilters,
 }
 
 /// A VM: built by [`Vm::new`], started by [`start`](Vm::start), ended by the guest or by
@@ -139,7 +142,8 @@ impl Vm {
 
     /// A VM from parts assembled by hand; nothing runs until [`start`](Self::start).
     pub fn from_parts(parts: VmParts) -> Self {
-        let VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory } = parts;
+        let VmParts { vm, devices, vcpus, latch, leases, failover, stdin_to_serial, host, cpus, memory, seccomp } =
+            parts;
         let notices = host.notices.clone();
         let pfs = failover
             .pairs
@@ -153,6 +157,7 @@ impl Vm {
             latch,
             gate: Arc::new(PauseGate::default()),
             notices: notices.clone(),
+            seccomp,
         };
         let devices = Arc::new(Mutex::new(devices));
         let leases = Arc::new(Mutex::new(leases));
@@ -209,7 +214,7 @@ impl Vm {
     /// with it.
     pub fn serve_api(&mut self, path: &std::path::Path) -> Result<(), crate::api::ServerError> {
         let control: Arc<dyn crate::api::VmControl> = Arc::new(self.handle());
-        self.api = Some(crate::api::ApiServer::start(path, control)?);
+        self.api = Some(crate::api::ApiServer::start_filtered(path, control, &self.shared.seccomp)?);
         Ok(())
     }
 
@@ -218,14 +223,14 @@ impl Vm {
         let Pending { vcpus, stdin_to_serial, events, events_rx, pfs } =
             self.pending.take().ok_or(RunError::AlreadyStarted)?;
         if let Some(passthrough) = &self.passthrough {
-            let worker = FailoverWorker::spawn(passthrough.clone(), events, events_rx, pfs);
+            let worker = FailoverWorker::spawn(passthrough.clone(), events, events_rx, pfs, &self.shared.seccomp);
             self.failover = Some(worker.map_err(RunError::Failover)?);
         }
         if stdin_to_serial {
             let serial =
                 self.devices.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).serial().cloned());
             if let Some(serial) = serial {
-                self.stdin = Some(StdinPump::start(serial).map_err(RunError::Stdin)?);
+                self.stdin = Some(StdinPump::start(serial, &self.shared.seccomp).map_err(RunError::Stdin)?);
             }
         }
         install_kick_handler().map_err(RunError::Signals)?;

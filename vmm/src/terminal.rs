@@ -1,6 +1,7 @@
 //! The host side of the serial console: stdin in raw mode while the guest owns it, and
 //! a thread that feeds stdin to the guest UART at the pace its FIFO allows.
 
+use crate::seccomp::{SeccompFilters, ThreadKind};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -58,13 +59,13 @@ pub struct StdinPump {
 }
 
 impl StdinPump {
-    pub fn start(serial: Arc<Mutex<SerialDevice>>) -> std::io::Result<Self> {
+    pub fn start(serial: Arc<Mutex<SerialDevice>>, seccomp: &SeccompFilters) -> std::io::Result<Self> {
         let raw = RawTerminal::enable(libc::STDIN_FILENO)?;
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let stop_rx = stop.try_clone()?;
-        let thread = std::thread::Builder::new()
-            .name("serial-input".into())
-            .spawn(move || pump(libc::STDIN_FILENO, &serial, &stop_rx))?;
+        let thread = crate::seccomp::spawn("serial-input", seccomp, ThreadKind::Devices, move || {
+            pump(libc::STDIN_FILENO, &serial, &stop_rx)
+        })?;
         Ok(Self { stop, thread, _raw: raw })
     }
 

@@ -8,6 +8,7 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::GuestAddress;
 
 use crate::exit::{ExitLatch, GuestExit};
+use crate::seccomp::ThreadKind;
 use crate::vm::KvmVm;
 use devices::Bus;
 
@@ -65,6 +66,7 @@ pub struct VcpuShared {
     pub latch: Arc<ExitLatch>,
     pub gate: Arc<PauseGate>,
     pub notices: devices::Notices,
+    pub seccomp: crate::seccomp::SeccompFilters,
 }
 
 impl Vcpu {
@@ -125,7 +127,7 @@ impl Vcpu {
     /// whenever KVM_RUN returns, which a signal to this thread forces (see
     /// `VcpuHandle::kick`).
     pub fn run(mut self, vm: &VcpuShared) {
-        let VcpuShared { buses, counters, latch, gate, notices } = vm;
+        let VcpuShared { buses, counters, latch, gate, notices, .. } = vm;
         let id = self.id;
         let mut nmis_seen = 0;
         while !latch.is_set() {
@@ -352,7 +354,8 @@ impl VcpuHandle {
         let id = vcpu.id();
         let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let flag = done.clone();
-        let thread = std::thread::Builder::new().name(format!("vcpu{id}")).spawn(move || {
+        let filters = vm.seccomp.clone();
+        let thread = crate::seccomp::spawn(&format!("vcpu{id}"), &filters, ThreadKind::Vcpu, move || {
             vcpu.run(&vm);
             flag.store(true, std::sync::atomic::Ordering::Release);
         })?;

@@ -96,6 +96,7 @@ fn started(t: TinyVm, v: Vcpu) -> Vm {
         host: Host::system(),
         cpus: 1,
         memory: RAM as u64,
+        seccomp: Default::default(),
     };
     let mut vm = Vm::from_parts(parts);
     vm.start().expect("start the vCPU");
@@ -288,4 +289,87 @@ fn a_paused_guest_runs_no_instruction_until_resumed() {
     handle.pause().expect("pause again");
     handle.stop(GuestExit::Stopped { signal: 15 });
     assert_eq!(running.wait().unwrap(), GuestExit::Stopped { signal: 15 });
+}
+
+/// An MMIO device whose write handler makes a system call no vCPU thread makes (a socket),
+/// as a compromised device model would.
+struct Rogue;
+impl BusDevice for Rogue {
+    fn read(&mut self, _offset: u64, _data: &mut [u8]) {}
+    fn write(&mut self, _offset: u64, _data: &[u8]) {
+        eprintln!("ROGUE-BEFORE-SYSCALL");
+        // SAFETY: socket(2) with constant arguments; the fd, if any, is closed at once.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM, 0) };
+        if fd >= 0 {
+            // SAFETY: `fd` was just returned by socket(2) and is ours.
+            unsafe { libc::close(fd) };
+        }
+        eprintln!("ROGUE-AFTER-SYSCALL fd={fd}");
+    }
+}
+
+/// Run by `a_vcpu_thread_making_a_forbidden_syscall_kills_tandem` in a child process, with
+/// the seccomp mode in TANDEM_TEST_SECCOMP: a guest that writes the rogue device.
+#[test]
+#[ignore = "a child of the seccomp test, which runs it in its own process"]
+fn seccomp_child_guest_writes_the_rogue_device() {
+    let mode: vmm::seccomp::SeccompMode = std::env::var("TANDEM_TEST_SECCOMP").unwrap().parse().unwrap();
+    // mov ax,0x2000; mov ds,ax; mov byte [0x10],0x5a      ; MMIO write at 0x20010
+    // mov al,0xfe; out 0x64,al; hlt                        ; i8042 reset
+    let code = [0xb8, 0x00, 0x20, 0x8e, 0xd8, 0xc6, 0x06, 0x10, 0x00, 0x5a, 0xb0, 0xfe, 0xe6, 0x64, 0xf4];
+    let t = tiny_vm(&code);
+    t.devices.buses().mmio.insert(0x20000, 0x1000, Arc::new(Mutex::new(Rogue))).unwrap();
+    let v = vcpu(&t);
+    v.set_real_mode_entry(CODE).unwrap();
+    let parts = VmParts {
+        vm: t.vm,
+        devices: t.devices,
+        vcpus: vec![v],
+        latch: t.latch,
+        leases: Default::default(),
+        failover: FailoverSetup::empty().unwrap(),
+        stdin_to_serial: false,
+        host: Host::system(),
+        cpus: 1,
+        memory: RAM as u64,
+        seccomp: vmm::seccomp::SeccompFilters::new(mode).unwrap(),
+    };
+    let exit = with_watchdog({
+        let mut vm = Vm::from_parts(parts);
+        vm.start().expect("start the vCPU");
+        vm
+    })
+    .wait()
+    .unwrap();
+    assert_eq!(exit, GuestExit::Reset);
+    eprintln!("ROGUE-GUEST-ENDED");
+}
+
+fn run_seccomp_child(mode: &str) -> (std::process::ExitStatus, String) {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "seccomp_child_guest_writes_the_rogue_device",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .env("TANDEM_TEST_SECCOMP", mode)
+        .output()
+        .unwrap();
+    (out.status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn a_vcpu_thread_making_a_forbidden_syscall_kills_tandem() {
+    use std::os::unix::process::ExitStatusExt;
+    let (status, stderr) = run_seccomp_child("on");
+    assert!(stderr.contains("ROGUE-BEFORE-SYSCALL"), "the guest never reached the device: {stderr}");
+    assert_eq!(status.signal(), Some(libc::SIGSYS), "not killed by SIGSYS ({status}): {stderr}");
+    assert!(!stderr.contains("ROGUE-AFTER-SYSCALL"), "the forbidden call returned: {stderr}");
+
+    // With `log` the same call goes through (the kernel logs it) and the guest ends.
+    let (status, stderr) = run_seccomp_child("log");
+    assert!(status.success(), "{status}: {stderr}");
+    assert!(stderr.contains("ROGUE-AFTER-SYSCALL fd=") && stderr.contains("ROGUE-GUEST-ENDED"), "{stderr}");
 }

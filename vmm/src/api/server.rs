@@ -16,6 +16,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::http::{self, REQUEST_LIMITS};
 use super::protocol::{self, Response};
 use super::VmControl;
+use crate::seccomp::{SeccompFilters, ThreadKind};
 
 /// How long a client has to send its whole request, and the server to write the answer.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
@@ -76,13 +77,23 @@ impl ApiServer {
     /// new thread. Refuses a path where a live server answers or that is not a socket;
     /// replaces a stale socket.
     pub fn start(path: &Path, control: Arc<dyn VmControl>) -> Result<ApiServer, ServerError> {
-        Self::start_with_timeout(path, control, REQUEST_TIMEOUT)
+        Self::start_with_timeout(path, control, REQUEST_TIMEOUT, &SeccompFilters::default())
+    }
+
+    /// [`start`](Self::start), the server's thread filtered with `seccomp`.
+    pub fn start_filtered(
+        path: &Path,
+        control: Arc<dyn VmControl>,
+        seccomp: &SeccompFilters,
+    ) -> Result<ApiServer, ServerError> {
+        Self::start_with_timeout(path, control, REQUEST_TIMEOUT, seccomp)
     }
 
     pub(crate) fn start_with_timeout(
         path: &Path,
         control: Arc<dyn VmControl>,
         timeout: Duration,
+        seccomp: &SeccompFilters,
     ) -> Result<ApiServer, ServerError> {
         remove_stale(path)?;
         let listener = UnixListener::bind(path).map_err(|source| ServerError::Bind { path: path.into(), source })?;
@@ -96,10 +107,10 @@ impl ApiServer {
         listener.set_nonblocking(true).map_err(cleanup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(cleanup)?;
         let stop_rx = stop.try_clone().map_err(cleanup)?;
-        let thread = std::thread::Builder::new()
-            .name("api-server".into())
-            .spawn(move || serve(&listener, &*control, &stop_rx, timeout))
-            .map_err(cleanup)?;
+        let thread = crate::seccomp::spawn("api-server", seccomp, ThreadKind::Control, move || {
+            serve(&listener, &*control, &stop_rx, timeout)
+        })
+        .map_err(cleanup)?;
         Ok(ApiServer { path: path.into(), identity: (meta.dev(), meta.ino()), stop, thread: Some(thread) })
     }
 

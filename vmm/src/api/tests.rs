@@ -118,7 +118,7 @@ impl Drop for TempDir {
 
 fn start(dir: &TempDir) -> (Arc<FakeVm>, ApiServer) {
     let vm = FakeVm::new();
-    let server = ApiServer::start_with_timeout(&dir.sock(), vm.clone(), TIMEOUT).unwrap();
+    let server = ApiServer::start_with_timeout(&dir.sock(), vm.clone(), TIMEOUT, &Default::default()).unwrap();
     (vm, server)
 }
 

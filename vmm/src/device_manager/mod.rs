@@ -151,6 +151,7 @@ pub struct DeviceManager {
     pci_devices: Vec<PciDeviceEntry>,
     hotplug: Option<hotplug::Hotplug>,
     notices: Notices,
+    seccomp: crate::seccomp::SeccompFilters,
 }
 
 impl DeviceManager {
@@ -160,11 +161,17 @@ impl DeviceManager {
             buses: Arc::new(Buses::default()),
             power,
             notices,
+            seccomp: Default::default(),
             serial: None,
             pci: None,
             pci_devices: Vec::new(),
             hotplug: None,
         }
+    }
+
+    /// The filter the device event loop (started by `enable_pci`) runs under.
+    pub fn set_seccomp(&mut self, filters: crate::seccomp::SeccompFilters) {
+        self.seccomp = filters;
     }
 
     /// Creates the PCI root bus (config ports, ECAM, BAR windows), the MSI routing
@@ -175,7 +182,7 @@ impl DeviceManager {
             segment,
             vm: vm.fd_arc(),
             routing: Arc::new(GsiRouting::new(vm.fd_arc())),
-            event_loop: Arc::new(DeviceEventLoop::start()?),
+            event_loop: Arc::new(DeviceEventLoop::start(&self.seccomp)?),
             memory: vm.memory().clone(),
             vfio: None,
         });

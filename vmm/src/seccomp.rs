@@ -1,0 +1,311 @@
+//! Seccomp filters, one per kind of VMM thread, each allowing only the system calls that
+//! kind makes. A thread installs its own filter before it touches anything the guest
+//! controls: a vCPU before its first KVM_RUN, the device loop before its first event, the
+//! control threads before their first request.
+//!
+//! With `on`, any other call kills the whole process (SIGSYS): a VMM that makes a call it
+//! never makes is compromised or broken, and must not go on. The kernel logs the thread and
+//! the call (`dmesg | grep type=1326`); `tandem cleanup` gives back its host devices, as
+//! after SIGKILL. With `log`, such calls are allowed and logged, to find what a new code
+//! path needs.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("--seccomp {0:?}: use on, log or off")]
+    BadMode(String),
+    #[error("cannot build the {kind} seccomp filter: {reason}")]
+    Build { kind: &'static str, reason: String },
+    #[error(
+        "cannot install the {kind} seccomp filter: {reason}; this kernel may lack seccomp \
+         (CONFIG_SECCOMP_FILTER): run with --seccomp off to go without"
+    )]
+    Install { kind: &'static str, reason: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompMode {
+    #[default]
+    On,
+    Log,
+    Off,
+}
+
+impl std::str::FromStr for SeccompMode {
+    type Err = SeccompError;
+    fn from_str(s: &str) -> Result<Self, SeccompError> {
+        match s {
+            "on" => Ok(Self::On),
+            "log" => Ok(Self::Log),
+            "off" => Ok(Self::Off),
+            _ => Err(SeccompError::BadMode(s.to_string())),
+        }
+    }
+}
+
+impl std::fmt::Display for SeccompMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::On => "on",
+            Self::Log => "log",
+            Self::Off => "off",
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// Runs the guest: KVM_RUN and the devices' register handlers.
+    Vcpu,
+    /// The device event loop: virtio queues, taps, disk images.
+    Devices,
+    /// The control socket and the failover worker: hot-plug, host devices, netlink.
+    Control,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Control];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Vcpu => "vCPU",
+            Self::Devices => "device",
+            Self::Control => "control",
+        }
+    }
+
+    /// The system calls this kind of thread makes.
+    pub fn allowed(self) -> Vec<i64> {
+        let mut calls = COMMON.to_vec();
+        calls.extend_from_slice(match self {
+            Self::Vcpu => VCPU,
+            Self::Devices => DEVICES,
+            Self::Control => CONTROL,
+        });
+        calls.sort_unstable();
+        calls.dedup();
+        calls
+    }
+}
+
+/// What every thread does through Rust's std and glibc: memory, locks, time, signals
+/// (the vCPU kick), eventfds, and ending the thread.
+const COMMON: &[i64] = &[
+    libc::SYS_read,
+    libc::SYS_write,
+    libc::SYS_close,
+    libc::SYS_futex,
+    libc::SYS_mmap,
+    libc::SYS_munmap,
+    libc::SYS_mremap,
+    libc::SYS_mprotect,
+    libc::SYS_madvise,
+    libc::SYS_brk,
+    libc::SYS_rt_sigreturn,
+    libc::SYS_rt_sigprocmask,
+    libc::SYS_sigaltstack,
+    libc::SYS_sched_yield,
+    libc::SYS_clock_gettime,
+    libc::SYS_clock_nanosleep,
+    libc::SYS_nanosleep,
+    libc::SYS_getrandom,
+    libc::SYS_gettid,
+    libc::SYS_getpid,
+    libc::SYS_tgkill,
+    libc::SYS_restart_syscall,
+    libc::SYS_exit,
+    libc::SYS_exit_group,
+];
+
+/// KVM_RUN, and what device registers do when the guest writes them: MSI routes, irqfds
+/// and ioeventfds, VFIO config space and interrupts, BAR mappings, queue activation.
+const VCPU: &[i64] = &[
+    libc::SYS_ioctl,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_epoll_ctl,
+];
+
+/// Queue work: taps (vectored reads and writes, queue attach), disk images (positioned
+/// I/O, flush, hole punching), and the event loop itself.
+const DEVICES: &[i64] = &[
+    libc::SYS_epoll_wait,
+    libc::SYS_epoll_pwait,
+    libc::SYS_epoll_ctl,
+    libc::SYS_readv,
+    libc::SYS_writev,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_preadv,
+    libc::SYS_pwritev,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_fallocate,
+    libc::SYS_ioctl,
+    libc::SYS_fcntl,
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+];
+
+/// Requests on the socket, and what plugging and unplugging host devices takes: sysfs
+/// and the restore journals (files, links, locks), VFIO and KVM, rtnetlink.
+const CONTROL: &[i64] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_socket,
+    libc::SYS_bind,
+    libc::SYS_connect,
+    libc::SYS_getsockname,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_shutdown,
+    libc::SYS_openat,
+    libc::SYS_statx,
+    libc::SYS_newfstatat,
+    libc::SYS_fstat,
+    libc::SYS_lseek,
+    libc::SYS_getdents64,
+    libc::SYS_readlink,
+    libc::SYS_readlinkat,
+    libc::SYS_unlinkat,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_mkdirat,
+    libc::SYS_fsync,
+    libc::SYS_flock,
+    libc::SYS_ioctl,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_eventfd2,
+    libc::SYS_fcntl,
+    libc::SYS_dup,
+    libc::SYS_epoll_ctl,
+    libc::SYS_kill,
+];
+
+/// The compiled filters of one VM, installed by each thread on itself; empty with `off`.
+#[derive(Clone, Default)]
+pub struct SeccompFilters {
+    programs: Option<Arc<[BpfProgram; 3]>>,
+}
+
+impl SeccompFilters {
+    pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
+        let mismatch = match mode {
+            SeccompMode::Off => return Ok(Self::default()),
+            SeccompMode::Log => SeccompAction::Log,
+            SeccompMode::On => SeccompAction::KillProcess,
+        };
+        let build = |kind: ThreadKind| -> Result<BpfProgram, SeccompError> {
+            let fail = |reason: String| SeccompError::Build { kind: kind.name(), reason };
+            let rules: BTreeMap<i64, Vec<SeccompRule>> = kind.allowed().into_iter().map(|nr| (nr, vec![])).collect();
+            let filter = SeccompFilter::new(rules, mismatch.clone(), SeccompAction::Allow, TargetArch::x86_64)
+                .map_err(|e| fail(e.to_string()))?;
+            BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
+        };
+        let programs = [build(ThreadKind::Vcpu)?, build(ThreadKind::Devices)?, build(ThreadKind::Control)?];
+        Ok(Self { programs: Some(Arc::new(programs)) })
+    }
+
+    /// Filters the calling thread (and any it starts) from now on; a no-op with `off`.
+    pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
+        let Some(programs) = &self.programs else { return Ok(()) };
+        let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        seccompiler::apply_filter(&programs[index])
+            .map_err(|e| SeccompError::Install { kind: kind.name(), reason: e.to_string() })
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.programs.is_some()
+    }
+}
+
+/// Starts thread `name` filtered as `kind`; returns once the filter is in place (or with
+/// why it could not be), so nothing runs in the thread unfiltered.
+pub fn spawn(
+    name: &str,
+    filters: &SeccompFilters,
+    kind: ThreadKind,
+    f: impl FnOnce() + Send + 'static,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let filters = filters.clone();
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    let thread = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+        let installed = filters.install(kind);
+        let ok = installed.is_ok();
+        let _ = tx.send(installed);
+        // A thread that could not be filtered drops what it was given, unused.
+        if ok {
+            f();
+        }
+    })?;
+    match rx.recv() {
+        Ok(Ok(())) => Ok(thread),
+        Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
+        Err(_) => Err(std::io::Error::other(format!("thread {name} ended before installing its seccomp filter"))),
+    }
+}
+
+impl std::fmt::Debug for SeccompFilters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.is_on() { "SeccompFilters(installed per thread)" } else { "SeccompFilters(off)" })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_a_bad_one_says_what_to_use() {
+        assert_eq!("on".parse::<SeccompMode>().unwrap(), SeccompMode::On);
+        assert_eq!("log".parse::<SeccompMode>().unwrap(), SeccompMode::Log);
+        assert_eq!("off".parse::<SeccompMode>().unwrap(), SeccompMode::Off);
+        assert!("yes".parse::<SeccompMode>().unwrap_err().to_string().contains("on, log or off"));
+    }
+
+    #[test]
+    fn every_kind_compiles_and_none_may_exec_fork_or_open_what_it_does_not_need() {
+        SeccompFilters::new(SeccompMode::On).expect("filters compile");
+        for kind in ThreadKind::ALL {
+            let allowed = kind.allowed();
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_fork,
+                libc::SYS_vfork,
+                libc::SYS_clone3,
+                libc::SYS_ptrace,
+            ] {
+                assert!(!allowed.contains(&nr), "{} threads may make syscall {nr}", kind.name());
+            }
+        }
+        // Only the control threads reach files and sockets by name.
+        for kind in [ThreadKind::Vcpu, ThreadKind::Devices] {
+            for nr in [libc::SYS_openat, libc::SYS_socket, libc::SYS_connect, libc::SYS_unlinkat] {
+                assert!(!kind.allowed().contains(&nr), "{} threads may make syscall {nr}", kind.name());
+            }
+        }
+    }
+
+    #[test]
+    fn off_installs_nothing() {
+        let filters = SeccompFilters::new(SeccompMode::Off).unwrap();
+        assert!(!filters.is_on());
+        filters.install(ThreadKind::Vcpu).unwrap();
+        // Still unfiltered: a call no kind allows goes through.
+        assert!(std::fs::metadata("/").is_ok());
+    }
+}
