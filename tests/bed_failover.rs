@@ -177,3 +177,10 @@ fn the_guest_kept_running_throughout() {
     assert!(bed.text.contains("L1-GONE-PING"), "the scenario never got to its last step{why}\n{}", bed.tail(200));
     assert!(!bed.text.contains("L1-SW-GUEST-STOPPED"), "the guest stopped{why}\n{}", bed.tail(200));
 }
+
+#[test]
+fn no_vmm_thread_made_a_call_outside_its_seccomp_filter() {
+    let bed = bed();
+    assert!(bed.text.contains("L1-SCENARIO-EXIT"), "the scenario did not finish:\n{}", bed.tail(40));
+    assert_eq!(bed.seccomp_violations(), Vec::<&str>::new());
+}

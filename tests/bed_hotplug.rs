@@ -149,3 +149,10 @@ fn no_leaks(start: &str, first: &str, out: &[&str], inside: &[&str]) {
         assert_eq!(num(line, "msi_gsis"), num(inside[0], "msi_gsis"), "{line} vs {}", inside[0]);
     }
 }
+
+#[test]
+fn no_vmm_thread_made_a_call_outside_its_seccomp_filter() {
+    let bed = bed();
+    assert!(bed.text.contains("L1-SCENARIO-EXIT"), "the scenario did not finish:\n{}", bed.tail(40));
+    assert_eq!(bed.seccomp_violations(), Vec::<&str>::new());
+}

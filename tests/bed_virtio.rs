@@ -90,3 +90,10 @@ fn direct_disk_is_opened_o_direct_and_keeps_guest_writes() {
     let l1_read = log_line(bed, "L1-DIRECT BLKBENCH");
     assert_eq!((kv(l1_read, "result"), kv(l1_read, "seed")), (Some("ok"), Some("13")), "{l1_read}");
 }
+
+#[test]
+fn no_vmm_thread_made_a_call_outside_its_seccomp_filter() {
+    let bed = bed();
+    assert!(bed.text.contains("L1-SCENARIO-EXIT"), "the scenario did not finish:\n{}", bed.tail(40));
+    assert_eq!(bed.seccomp_violations(), Vec::<&str>::new());
+}

@@ -169,6 +169,11 @@ pub struct Run {
 }
 
 impl BedLog {
+    /// The kernel's records of calls a VMM thread made outside its seccomp filter.
+    pub fn seccomp_violations(&self) -> Vec<&str> {
+        self.text.lines().filter(|l| l.starts_with("L1-SECCOMP")).collect()
+    }
+
     pub fn tail(&self, n: usize) -> String {
         let lines: Vec<&str> = self.text.lines().collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
