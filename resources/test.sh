@@ -2,6 +2,7 @@
 # test.sh [cargo test args...] — build the images, build every binary of the workspace
 # (the integration tests boot target/debug/tandem in the nested bed), run the tests.
 # Extra arguments go to `cargo test`, e.g. resources/test.sh -p tandem-tests -- --nocapture
+# Then every fuzz target is built and run briefly (FUZZ_SECS each, default 10; 0 skips it).
 set -euo pipefail
 . "$(dirname "$0")/lib/common.sh"
 
@@ -11,3 +12,6 @@ say "cargo build --workspace --bins"
 cargo build --workspace --bins
 say "cargo test --workspace $*"
 cargo test --workspace --no-fail-fast "$@"
+if [ "${FUZZ_SECS:-10}" != 0 ]; then
+  "$RES/fuzz.sh" "${FUZZ_SECS:-10}"
+fi

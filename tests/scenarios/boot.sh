@@ -23,10 +23,22 @@ run elf --cpus 1 --memory 256M --cmdline "$BASE"
 KERNEL=
 
 # Host input reaches the guest: its shell reads commands from tandem's stdin (COM1 RX, IRQ 4).
+# Typed once the shell is up, as a user would: bytes sent while the guest's 8250 driver still
+# probes and resets its FIFO are lost on real hardware too.
+rm -f /tmp/serial-in /tmp/serial-in.out; mkfifo /tmp/serial-in
+timeout 300 tandem --kernel $K --initramfs $I --memory 256M --cmdline "$BASE tandem.action=shell" \
+  < /tmp/serial-in > /tmp/serial-in.out 2>&1 &
+tpid=$!
+exec 3> /tmp/serial-in
+i=0; until grep -q "built-in shell" /tmp/serial-in.out || [ $i -ge 1500 ]; do sleep 0.2; i=$((i + 1)); done
+sleep 1
+printf 'echo SERIAL-IN-$((6*7))\nexit\n' >&3
+wait $tpid
+rc=$?
+exec 3>&-
 echo "RUN-BEGIN serial-input"
-printf 'echo SERIAL-IN-$((6*7))\nexit\n' | timeout 300 tandem --kernel $K --initramfs $I --memory 256M \
-  --cmdline "$BASE tandem.action=shell"
-echo "RUN-END serial-input rc=$?"
+cat /tmp/serial-in.out
+echo "RUN-END serial-input rc=$rc"
 
 # --serial file=: the guest's console goes to the file, not to tandem's stdout.
 echo "RUN-BEGIN serial-file"

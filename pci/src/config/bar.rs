@@ -132,10 +132,14 @@ impl PciConfiguration {
             BarKind::Memory32 => 1 << 32,
             BarKind::Memory64 => u64::MAX,
         };
-        if addr == 0 || addr.checked_add(size).is_none_or(|end| end > limit) {
+        let offset = BAR0 + 4 * usize::from(index);
+        // The top slot of the BAR's window sets every address bit: the registers would
+        // hold the sizing pattern, which is never decoded (see `decoded_address`).
+        let sizing = self.is_sizing_pattern(offset, addr as u32)
+            || (spec.kind == BarKind::Memory64 && self.is_sizing_pattern(offset + 4, (addr >> 32) as u32));
+        if addr == 0 || sizing || addr.checked_add(size).is_none_or(|end| end > limit) {
             return Err(ConfigError::BarAddress { index, addr, size });
         }
-        let offset = BAR0 + 4 * usize::from(index);
         let flags = self.read_u32(offset) & if spec.kind == BarKind::Io { 0x3 } else { 0xf };
         self.set_u32(offset, addr as u32 | flags);
         if spec.kind == BarKind::Memory64 {
@@ -161,12 +165,9 @@ impl PciConfiguration {
         if self.command() & enable == 0 {
             return None;
         }
-        // A register with every writable bit set holds the sizing pattern, not an
-        // address: the guest is probing the BAR's size.
-        let probing = |reg: usize| {
-            let writable = self.writable_u32(reg);
-            writable != 0 && self.read_u32(reg) & writable == writable
-        };
+        // A register holding the sizing pattern holds no address: the guest is probing
+        // the BAR's size.
+        let probing = |reg: usize| self.is_sizing_pattern(reg, self.read_u32(reg));
         let low = self.read_u32(offset);
         let (addr, limit) = match bar.kind {
             BarKind::Io => (u64::from(low & !0x3), IO_SPACE_END),
@@ -182,6 +183,13 @@ impl PciConfiguration {
             return None;
         }
         Some(addr)
+    }
+
+    /// Whether `value` in the BAR register at `offset` sets every writable bit: what
+    /// writing all-ones leaves there to be read back as the size.
+    fn is_sizing_pattern(&self, offset: usize, value: u32) -> bool {
+        let writable = self.writable_u32(offset);
+        writable != 0 && value & writable == writable
     }
 
     fn writable_u32(&self, offset: usize) -> u32 {
@@ -262,6 +270,23 @@ mod tests {
         assert_eq!(c.set_bar_address(2, 0x1000), Err(ConfigError::BarNotRegistered(2)));
         assert!(matches!(c.set_bar_address(0, 0x1800), Err(ConfigError::BarAlignment { .. })));
         assert!(matches!(c.set_bar_address(0, 0), Err(ConfigError::BarAddress { .. })));
+    }
+
+    #[test]
+    fn refuses_addresses_that_read_as_the_sizing_pattern() {
+        // Found by fuzzing: the top slot of a BAR's window was accepted but, its
+        // registers holding every address bit, never decoded.
+        let mut c = PciConfiguration::new(&header());
+        c.add_bar(BarSpec { index: 0, size: 0x1000, kind: BarKind::Memory32, prefetchable: false }).unwrap();
+        c.add_bar(BarSpec { index: 2, size: 0x800, kind: BarKind::Memory64, prefetchable: false }).unwrap();
+        assert!(matches!(c.set_bar_address(0, 0xffff_f000), Err(ConfigError::BarAddress { .. })));
+        assert!(matches!(c.set_bar_address(2, 0xffff_ffff_0000_0000), Err(ConfigError::BarAddress { .. })));
+        assert!(matches!(c.set_bar_address(2, 0x1_ffff_f800), Err(ConfigError::BarAddress { .. })));
+        assert_eq!((c.bar_address(0), c.bar_address(2)), (None, None));
+        // One slot lower is an address like any other.
+        c.set_bar_address(0, 0xffff_e000).unwrap();
+        c.set_bar_address(2, 0xffff_fffe_ffff_f000).unwrap();
+        assert_eq!((c.bar_address(0), c.bar_address(2)), (Some(0xffff_e000), Some(0xffff_fffe_ffff_f000)));
     }
 
     #[test]

@@ -75,7 +75,10 @@ pub enum ConfigError {
     BarNotRegistered(u8),
     #[error("address {addr:#x} for BAR {index} is not aligned to its size {size:#x}")]
     BarAlignment { index: u8, addr: u64, size: u64 },
-    #[error("address {addr:#x} for BAR {index} ({size:#x} bytes) is zero or beyond what the BAR can hold")]
+    #[error(
+        "address {addr:#x} for BAR {index} ({size:#x} bytes) is zero, beyond what the BAR can hold, or sets all of \
+         its address bits (the sizing pattern, never decoded)"
+    )]
     BarAddress { index: u8, addr: u64, size: u64 },
     #[error("capability {id:#04x} of {len} bytes does not fit in the 256-byte standard configuration space")]
     CapabilitySpace { id: u8, len: usize },

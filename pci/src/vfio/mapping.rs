@@ -32,7 +32,7 @@ impl HostMapping {
     }
 
     /// Anonymous memory, for tests standing in for a device.
-    #[cfg(test)]
+    #[cfg(any(test, feature = "fuzzing"))]
     pub(crate) fn anonymous(len: usize) -> io::Result<Self> {
         Self::mmap(len, libc::PROT_READ | libc::PROT_WRITE, libc::MAP_SHARED | libc::MAP_ANONYMOUS, -1, 0, true)
     }

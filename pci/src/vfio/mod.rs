@@ -22,8 +22,9 @@
 
 mod bars;
 mod config;
-#[cfg(test)]
-mod fake;
+#[cfg(any(test, feature = "fuzzing"))]
+#[doc(hidden)]
+pub mod fake;
 mod host;
 mod irq;
 mod mapping;

@@ -61,6 +61,14 @@ mod server;
 #[cfg(test)]
 mod tests;
 
+/// The server's request path without its socket, for the fuzz targets under fuzz/: the
+/// bounded HTTP reader, the router, and the response writer and reader.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use super::http::{read_request, read_response, write_response, HttpError, REQUEST_LIMITS, RESPONSE_LIMITS};
+    pub use super::protocol::{handle, Response};
+}
+
 pub use client::{request, run_ctl, ClientError, CTL_USAGE};
 pub use server::{ApiServer, ServerError};
 
