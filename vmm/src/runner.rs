@@ -101,7 +101,7 @@ pub struct Vm {
     /// Plugs and unplugs host devices; shares the devices and leases below. Handles
     /// reach it weakly, so one kept after the VM ended keeps no device open.
     passthrough: Option<Arc<Mutex<Passthrough>>>,
-    handle: Option<VmHandle>,
+    handle: VmHandle,
     vcpus: Vec<VcpuHandle>,
     /// What `start` still has to start.
     pending: Option<Pending>,
@@ -188,7 +188,7 @@ impl Vm {
             api: None,
             failover: None,
             passthrough: Some(passthrough),
-            handle: Some(handle),
+            handle,
             vcpus: Vec::new(),
             pending: Some(pending),
             stdin: None,
@@ -203,11 +203,7 @@ impl Vm {
     /// Steers the VM from any thread: pause, resume, shut down, add and remove devices,
     /// read counters.
     pub fn handle(&self) -> VmHandle {
-        match &self.handle {
-            Some(h) => h.clone(),
-            // Only `halt_vcpus` takes it, and nothing calls `handle` after that.
-            None => unreachable!("a Vm's handle is taken only when it ends"),
-        }
+        self.handle.clone()
     }
 
     /// Serves the control socket at `path` until the VM ends; the socket file goes
@@ -289,12 +285,11 @@ impl Vm {
         // Dropped without `wait`: the embedder gave up on the VM.
         self.shared.latch.set(GuestExit::Stopped { signal: 0 });
         // No request may reach the devices from here on (and the server's references to
-        // them go, so they are dropped in this struct's order). Handles held elsewhere
-        // keep the devices alive: they still answer, with the VM ended.
+        // them go, so they are dropped in this struct's order). Handles reach the devices
+        // weakly: held elsewhere, they still answer, with the VM ended.
         drop(self.api.take());
         drop(self.failover.take());
         drop(self.passthrough.take());
-        drop(self.handle.take());
         drop(self.pending.take());
         // Parked vCPUs wait on the gate, not in KVM: let them see the latch.
         self.shared.gate.open();

@@ -85,6 +85,11 @@ fn vcpu(t: &TinyVm) -> Vcpu {
 
 /// The VM around `t` with one vCPU, started.
 fn started(t: TinyVm, v: Vcpu) -> Vm {
+    started_with(t, v, Default::default())
+}
+
+/// [`started`], its threads filtered by `seccomp`.
+fn started_with(t: TinyVm, v: Vcpu, seccomp: vmm::seccomp::SeccompFilters) -> Vm {
     let parts = VmParts {
         vm: t.vm,
         devices: t.devices,
@@ -96,7 +101,7 @@ fn started(t: TinyVm, v: Vcpu) -> Vm {
         host: Host::system(),
         cpus: 1,
         memory: RAM as u64,
-        seccomp: Default::default(),
+        seccomp,
     };
     let mut vm = Vm::from_parts(parts);
     vm.start().expect("start the vCPU");
@@ -321,26 +326,7 @@ fn seccomp_child_guest_writes_the_rogue_device() {
     t.devices.buses().mmio.insert(0x20000, 0x1000, Arc::new(Mutex::new(Rogue))).unwrap();
     let v = vcpu(&t);
     v.set_real_mode_entry(CODE).unwrap();
-    let parts = VmParts {
-        vm: t.vm,
-        devices: t.devices,
-        vcpus: vec![v],
-        latch: t.latch,
-        leases: Default::default(),
-        failover: FailoverSetup::empty().unwrap(),
-        stdin_to_serial: false,
-        host: Host::system(),
-        cpus: 1,
-        memory: RAM as u64,
-        seccomp: vmm::seccomp::SeccompFilters::new(mode).unwrap(),
-    };
-    let exit = with_watchdog({
-        let mut vm = Vm::from_parts(parts);
-        vm.start().expect("start the vCPU");
-        vm
-    })
-    .wait()
-    .unwrap();
+    let exit = with_watchdog(started_with(t, v, vmm::seccomp::SeccompFilters::new(mode).unwrap())).wait().unwrap();
     assert_eq!(exit, GuestExit::Reset);
     eprintln!("ROGUE-GUEST-ENDED");
 }
