@@ -7,7 +7,7 @@
 //! never makes is compromised or broken, and must not go on. The kernel logs the thread and
 //! the call (`dmesg | grep type=1326`); `tandem cleanup` gives back its host devices, as
 //! after SIGKILL. With `log`, such calls are allowed and logged, to find what a new code
-//! path needs.
+//! path needs. Threads without file access get EACCES for opening one instead (see REFUSED).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -203,10 +203,25 @@ const CONTROL: &[i64] = &[
     libc::SYS_kill,
 ];
 
+/// Calls that threads without file access get an error for instead of being killed.
+/// glibc opens files behind a caller's back, once per process, in whichever thread gets
+/// there first: `free` reads /proc/sys/vm/overcommit_memory when it first shrinks a
+/// thread's heap, `sysconf` reads /sys for the CPU count. Each copes with a failed open,
+/// and a failed open gives a compromised thread nothing.
+const REFUSED: &[i64] = &[libc::SYS_openat, libc::SYS_open];
+
 /// The compiled filters of one VM, installed by each thread on itself; empty with `off`.
 #[derive(Clone, Default)]
 pub struct SeccompFilters {
-    programs: Option<Arc<[BpfProgram; 3]>>,
+    programs: Option<Arc<Programs>>,
+}
+
+struct Programs {
+    /// One per kind, in `ThreadKind::ALL` order.
+    allow: [BpfProgram; 3],
+    /// Layered with `allow` for the kinds without file access, whose `allow` passes
+    /// REFUSED: the kernel takes the strictest answer of a thread's filters, EACCES.
+    refuse: BpfProgram,
 }
 
 impl SeccompFilters {
@@ -218,21 +233,40 @@ impl SeccompFilters {
         };
         let build = |kind: ThreadKind| -> Result<BpfProgram, SeccompError> {
             let fail = |reason: String| SeccompError::Build { kind: kind.name(), reason };
-            let rules: BTreeMap<i64, Vec<SeccompRule>> = kind.allowed().into_iter().map(|nr| (nr, vec![])).collect();
+            // REFUSED passes here so that `refuse`'s EACCES, not this mismatch, answers it.
+            let mut calls = kind.allowed();
+            if kind != ThreadKind::Control {
+                calls.extend_from_slice(REFUSED);
+            }
+            let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|nr| (nr, vec![])).collect();
             let filter = SeccompFilter::new(rules, mismatch.clone(), SeccompAction::Allow, TargetArch::x86_64)
                 .map_err(|e| fail(e.to_string()))?;
             BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
         };
-        let programs = [build(ThreadKind::Vcpu)?, build(ThreadKind::Devices)?, build(ThreadKind::Control)?];
-        Ok(Self { programs: Some(Arc::new(programs)) })
+        let allow = [build(ThreadKind::Vcpu)?, build(ThreadKind::Devices)?, build(ThreadKind::Control)?];
+        let fail = |reason: String| SeccompError::Build { kind: "refused-call", reason };
+        let rules: BTreeMap<i64, Vec<SeccompRule>> = REFUSED.iter().map(|nr| (*nr, vec![])).collect();
+        let filter = SeccompFilter::new(
+            rules,
+            SeccompAction::Allow,
+            SeccompAction::Errno(libc::EACCES as u32),
+            TargetArch::x86_64,
+        )
+        .map_err(|e| fail(e.to_string()))?;
+        let refuse = BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))?;
+        Ok(Self { programs: Some(Arc::new(Programs { allow, refuse })) })
     }
 
     /// Filters the calling thread (and any it starts) from now on; a no-op with `off`.
     pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
         let Some(programs) = &self.programs else { return Ok(()) };
         let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
-        seccompiler::apply_filter(&programs[index])
-            .map_err(|e| SeccompError::Install { kind: kind.name(), reason: e.to_string() })
+        let fail = |e: seccompiler::Error| SeccompError::Install { kind: kind.name(), reason: e.to_string() };
+        // First: once `allow` is in, installing another filter is a call it refuses.
+        if kind != ThreadKind::Control {
+            seccompiler::apply_filter(&programs.refuse).map_err(fail)?;
+        }
+        seccompiler::apply_filter(&programs.allow[index]).map_err(fail)
     }
 
     pub fn is_on(&self) -> bool {
@@ -306,6 +340,25 @@ mod tests {
                 assert!(!kind.allowed().contains(&nr), "{} threads may make syscall {nr}", kind.name());
             }
         }
+    }
+
+    #[test]
+    fn a_device_thread_opening_a_file_gets_an_error_not_a_kill() {
+        let filters = SeccompFilters::new(SeccompMode::On).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn("refused", &filters, ThreadKind::Devices, move || {
+            let opened = std::fs::File::open("/proc/sys/vm/overcommit_memory").map_err(|e| e.raw_os_error());
+            // Churn the thread's heap so glibc may trim it (its own lazy open).
+            for _ in 0..4 {
+                let blocks: Vec<Vec<u8>> = (0..64).map(|i| vec![i as u8; 100 * 1024]).collect();
+                drop(blocks);
+            }
+            let _ = tx.send(opened.err());
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        assert_eq!(rx.recv().unwrap(), Some(Some(libc::EACCES)));
     }
 
     #[test]
