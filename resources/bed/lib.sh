@@ -186,16 +186,20 @@ run_bg() {
 # line here and the guest line is joined again. A guest line still being written (no
 # newline yet) is left out.
 run_console() {
-  # The guest may be halfway through a line: leave an unterminated last line out.
+  # The guest may be halfway through a line: leave an unterminated last line out. One
+  # snapshot for both looks, or the guest can add half a line between them.
+  _snap=$(mktemp) || return 1
+  cat "/tmp/run-$1.log" > "$_snap" 2>/dev/null
   _partial=1
-  [ -z "$(tail -c 1 "/tmp/run-$1.log" 2>/dev/null)" ] || [ "${2:-}" = all ] && _partial=0
+  [ -z "$(tail -c 1 "$_snap")" ] || [ "${2:-}" = all ] && _partial=0
   awk -v partial=$_partial '
     function out(l) { if (held) print line; line = l; held = 1 }
     { if (carry != "") { $0 = carry $0; carry = "" }
       p = index($0, "tandem: ")
       if (p > 1) { carry = substr($0, 1, p - 1); out(substr($0, p)); next }
       out($0) }
-    END { if (carry != "") out(carry); if (held && !partial) print line }' "/tmp/run-$1.log" 2>/dev/null
+    END { if (carry != "") out(carry); if (held && !partial) print line }' "$_snap"
+  rm -f "$_snap"
 }
 
 run_ended() { [ -s "/tmp/run-$1.rc" ]; }

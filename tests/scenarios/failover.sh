@@ -71,7 +71,7 @@ while :; do
   v=$(l2_if_by_driver igbvf) || v=-
   m=-; [ "$v" != - ] && [ -e "/sys/class/net/$v/master" ] && m=$(basename "$(readlink "/sys/class/net/$v/master")")
   c=-; [ "$v" != - ] && c=$(cat "/sys/class/net/$v/carrier" 2>/dev/null)
-  echo "L2-SW vf=$v vf_master=$m vf_carrier=$c vf_rx=$(st "$v" rx_packets) vf_tx=$(st "$v" tx_packets) sb_rx=$(st "$SB" rx_packets) sb_tx=$(st "$SB" tx_packets)"
+  echo "L2-SW vf=$v vf_master=$m vf_carrier=$c vf_rx=$(st "$v" rx_packets) vf_tx=$(st "$v" tx_packets) sb_rx=$(st "$SB" rx_packets) sb_tx=$(st "$SB" tx_packets) end"
   dmesg -c | grep -iE 'igbvf|failover|eth[0-9]' | sed 's/^/L2-KMSG /'
   sleep 0.5
 done
@@ -89,7 +89,8 @@ ping_report() {
     END { printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
 }
 sb_rx() { ctl counters | tr -d '\n ' | sed -n 's/.*"sb0":{[^}]*"rx_packets":\([0-9]*\).*/\1/p'; }
-last_sw() { run_console switch | grep "^L2-SW " | tail -n 1; }
+# Only whole lines: the guest may be halfway through writing the last one.
+last_sw() { run_console switch | grep "^L2-SW .* end" | tail -n 1; }
 if run_wait_for switch "L2-SW-READY" 300; then
   # The guest prints an L2-SW line every half second: when they stop for 5 s, ask it where
   # it is (vm_bed_fault ends the run; bed_failover.rs runs the bed again on the bed's fault).
