@@ -78,6 +78,11 @@ impl ThreadKind {
         }
     }
 
+    /// Only control threads open files by name; the others get EACCES (see REFUSED).
+    fn opens_files(self) -> bool {
+        self == Self::Control
+    }
+
     /// The system calls this kind of thread makes.
     pub fn allowed(self) -> Vec<i64> {
         let mut calls = COMMON.to_vec();
@@ -231,29 +236,17 @@ impl SeccompFilters {
             SeccompMode::Log => SeccompAction::Log,
             SeccompMode::On => SeccompAction::KillProcess,
         };
-        let build = |kind: ThreadKind| -> Result<BpfProgram, SeccompError> {
-            let fail = |reason: String| SeccompError::Build { kind: kind.name(), reason };
-            // REFUSED passes here so that `refuse`'s EACCES, not this mismatch, answers it.
+        let build = |kind: ThreadKind| {
             let mut calls = kind.allowed();
-            if kind != ThreadKind::Control {
+            // REFUSED passes here so that `refuse`'s EACCES, not this mismatch, answers it.
+            if !kind.opens_files() {
                 calls.extend_from_slice(REFUSED);
             }
-            let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|nr| (nr, vec![])).collect();
-            let filter = SeccompFilter::new(rules, mismatch.clone(), SeccompAction::Allow, TargetArch::x86_64)
-                .map_err(|e| fail(e.to_string()))?;
-            BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
+            compile(kind.name(), calls, mismatch.clone(), SeccompAction::Allow)
         };
         let allow = [build(ThreadKind::Vcpu)?, build(ThreadKind::Devices)?, build(ThreadKind::Control)?];
-        let fail = |reason: String| SeccompError::Build { kind: "refused-call", reason };
-        let rules: BTreeMap<i64, Vec<SeccompRule>> = REFUSED.iter().map(|nr| (*nr, vec![])).collect();
-        let filter = SeccompFilter::new(
-            rules,
-            SeccompAction::Allow,
-            SeccompAction::Errno(libc::EACCES as u32),
-            TargetArch::x86_64,
-        )
-        .map_err(|e| fail(e.to_string()))?;
-        let refuse = BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))?;
+        let refuse =
+            compile("refused-call", REFUSED.to_vec(), SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32))?;
         Ok(Self { programs: Some(Arc::new(Programs { allow, refuse })) })
     }
 
@@ -263,7 +256,7 @@ impl SeccompFilters {
         let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         let fail = |e: seccompiler::Error| SeccompError::Install { kind: kind.name(), reason: e.to_string() };
         // First: once `allow` is in, installing another filter is a call it refuses.
-        if kind != ThreadKind::Control {
+        if !kind.opens_files() {
             seccompiler::apply_filter(&programs.refuse).map_err(fail)?;
         }
         seccompiler::apply_filter(&programs.allow[index]).map_err(fail)
@@ -272,6 +265,19 @@ impl SeccompFilters {
     pub fn is_on(&self) -> bool {
         self.programs.is_some()
     }
+}
+
+/// A filter answering `calls` with `on_match` and every other call with `mismatch`.
+fn compile(
+    what: &'static str,
+    calls: Vec<i64>,
+    mismatch: SeccompAction,
+    on_match: SeccompAction,
+) -> Result<BpfProgram, SeccompError> {
+    let fail = |reason: String| SeccompError::Build { kind: what, reason };
+    let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|nr| (nr, vec![])).collect();
+    let filter = SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64).map_err(|e| fail(e.to_string()))?;
+    BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
 }
 
 /// Starts thread `name` filtered as `kind`; returns once the filter is in place (or with
