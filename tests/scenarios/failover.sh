@@ -82,11 +82,13 @@ run_bg switch $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M -
   --disk path=/tmp/switch.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP tandem.modules=igbvf"
 ctl() { $TANDEM ctl --api-socket $SOCK "$@"; }
 # ping_report MARKER LOG: busybox ping's answered seq numbers -> lost packets and the
-# longest run of them (x 10 ms, the interval).
+# longest run of them (x 10 ms, the interval), counting a silent start or end too.
 ping_report() {
-  awk -v m="$1" -F'seq=' '/bytes from/ { split($2, a, " "); s = a[1] + 0; if (n && s - prev - 1 > gap) gap = s - prev - 1; prev = s; n++ }
+  awk -v m="$1" -F'seq=' 'BEGIN { prev = -1 }
+    /bytes from/ { split($2, a, " "); s = a[1] + 0; if (s - prev - 1 > gap) gap = s - prev - 1; if (s > prev) prev = s; n++ }
     /packets transmitted/ { tx = $1 + 0 }
-    END { printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
+    END { if (tx - 1 - prev > gap) gap = tx - 1 - prev
+      printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
 }
 sb_rx() { ctl counters | tr -d '\n ' | sed -n 's/.*"sb0":{[^}]*"rx_packets":\([0-9]*\).*/\1/p'; }
 # Only whole lines: the guest may be halfway through writing the last one.
