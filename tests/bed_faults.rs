@@ -1,5 +1,5 @@
 //! Faults, in the nested bed: tandem stopped by SIGINT mid-boot and by SIGTERM and SIGKILL
-//! mid-traffic takes its tap with it; a guest that triple-faults ends tandem with status 1
+//! mid-traffic takes its tap with it; a guest that triple-faults or panics ends tandem with status 1
 //! and the reason; disks that fill up or shrink under the guest give it I/O errors while
 //! the VMM lives; a tap deleted under a running NIC leaves the device loop idle.
 
@@ -53,6 +53,17 @@ fn a_triple_fault_ends_tandem_with_status_1_and_says_why() {
     assert!(run.lines.iter().any(|l| l.contains("L2-FAULT-TRIPLE")), "{}", run.console());
     assert_eq!(run.rc, Some(1), "{}", run.console());
     assert!(run.console().contains("tandem: vCPU 0 triple-faulted"), "{}", run.console());
+}
+
+#[test]
+fn a_guest_kernel_panic_ends_tandem_with_status_1_and_the_panic_on_the_console() {
+    let run = bed().run("panic");
+    let console = run.console();
+    assert_eq!(run.rc, Some(1), "{console}");
+    // The guest printed why before tandem ended it, and tandem says what happened.
+    assert!(console.contains("Kernel panic - not syncing: sysrq triggered crash"), "{console}");
+    assert!(console.contains("tandem: the guest kernel panicked"), "{console}");
+    assert!(!console.contains("INSMOD-FAIL"), "{console}");
 }
 
 #[test]

@@ -40,7 +40,7 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryError};
 use crate::layout::{
     pci_intx_gsi, MemoryLayout, ACPI_RESET_VALUE, ACPI_S5_SLEEP_TYPE, ACPI_SLEEP_PORT, ACPI_START, COM1_IRQ, COM1_PORT,
     IOAPIC_ADDR, LAPIC_ADDR, PCI_ECAM_SIZE, PCI_ECAM_START, PCI_IO_END, PCI_IO_START, PCI_MMIO32_END, PCI_MMIO32_START,
-    PIT_IOAPIC_PIN, RESET_VECTOR, RTC_IRQ, RTC_PORT,
+    PIT_IOAPIC_PIN, PVPANIC_PORT, RESET_VECTOR, RTC_IRQ, RTC_PORT,
 };
 use crate::reset_vector::{write_reset_vector, ResetVectorError};
 
@@ -304,9 +304,10 @@ fn mcfg() -> Vec<u8> {
 fn dsdt(layout: &MemoryLayout, hotplug: Option<&PciHotplugAml>) -> Vec<u8> {
     let com1 = RawAml(isa_device("COM1", "PNP0501", Some(1), COM1_PORT, 8, COM1_IRQ));
     let rtc = RawAml(isa_device("RTC_", "PNP0B00", None, RTC_PORT, 2, RTC_IRQ));
+    let pvpanic = RawAml(pvpanic());
     let pci = RawAml(pci_root(layout, hotplug));
     let motherboard = RawAml(motherboard_resources(hotplug));
-    let mut devices: Vec<&dyn Aml> = vec![&com1, &rtc, &pci, &motherboard];
+    let mut devices: Vec<&dyn Aml> = vec![&com1, &rtc, &pvpanic, &pci, &motherboard];
     let ged = hotplug.map(|h| RawAml(h.ged()));
     if let Some(ged) = &ged {
         devices.push(ged);
@@ -417,6 +418,16 @@ fn isa_device(name: &str, hid: &str, uid: Option<u8>, port: u16, ports: u8, irq:
     }
     children.push(&crs);
     bytes(&Device::new(Path::new(name), children))
+}
+
+/// The pvpanic port, under the ID Linux's pvpanic driver binds to (a string: QEMU's
+/// vendor prefix is not an EISA one).
+fn pvpanic() -> Vec<u8> {
+    let hid = Name::new(Path::new("_HID"), &"QEMU0001");
+    let io = IO::new(PVPANIC_PORT, PVPANIC_PORT, 1, 1);
+    let crs = ResourceTemplate::new(vec![&io]);
+    let crs = Name::new(Path::new("_CRS"), &crs);
+    bytes(&Device::new(Path::new("PEVT"), vec![&hid, &crs]))
 }
 
 /// Already-serialized AML, to nest it in another object.
@@ -550,7 +561,7 @@ mod tests {
     }
 
     #[test]
-    fn dsdt_has_s5_com1_rtc_and_the_pci_root() {
+    fn dsdt_has_s5_com1_rtc_pvpanic_and_the_pci_root() {
         let layout = layout();
         let dsdt = dsdt(&layout, None);
         assert_eq!(sum(&dsdt), 0);
@@ -563,6 +574,9 @@ mod tests {
         // IO descriptor for 0x70..0x71 and an extended IRQ descriptor for IRQ 8.
         assert!(find(&[0x47, 0x01, 0x70, 0x00, 0x70, 0x00, 0x01, 0x02]));
         assert!(find(&[0x89, 0x06, 0x00, 0x03, 0x01, 0x08, 0x00, 0x00, 0x00]));
+        // pvpanic: "QEMU0001" as a string _HID, and its one port at 0x505.
+        assert!(find(b"PEVT") && find(b"\x0dQEMU0001\x00"));
+        assert!(find(&[0x47, 0x01, 0x05, 0x05, 0x05, 0x05, 0x01, 0x01]));
         // PNP0A08 (PCI Express root) and PNP0C02 (motherboard resources) as EISA ids.
         assert!(find(&[0x0c, 0x41, 0xd0, 0x0a, 0x08]) && find(&[0x0c, 0x41, 0xd0, 0x0c, 0x02]));
         // Memory32Fixed over the ECAM window: 0x86, len 9, read-only, base, size.

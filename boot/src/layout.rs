@@ -102,6 +102,9 @@ pub const GED_GSI: u32 = 5;
 /// The first serial port, described in the DSDT so Linux routes its IRQ.
 pub const COM1_PORT: u16 = 0x3f8;
 pub const COM1_IRQ: u32 = 4;
+/// The pvpanic port (`devices::legacy::PvPanic`, ACPI `QEMU0001` in the DSDT): QEMU's
+/// port, so guests and tools that know pvpanic find it where they expect it.
+pub const PVPANIC_PORT: u16 = 0x505;
 /// The CMOS RTC, described in the DSDT for the same reason.
 pub const RTC_PORT: u16 = 0x70;
 pub const RTC_IRQ: u32 = 8;

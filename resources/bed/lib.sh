@@ -286,7 +286,10 @@ vm_bed_fault() {
   _n=$(wc -l < "$_log")
   $TANDEM ctl --api-socket "$2" nmi > /dev/null 2>&1 || { echo "L1-BT no NMI: the VMM did not take it"; return 1; }
   _i=0
-  until tail -n +$((_n + 1)) "$_log" | grep -q "end Kernel panic" || [ $_i -ge 100 ]; do sleep 0.1; _i=$((_i + 1)); done
+  # The dump ends with the panic, or with the VMM, which pvpanic told of it.
+  until tail -n +$((_n + 1)) "$_log" | grep -q "end Kernel panic" || run_ended "$1" || [ $_i -ge 100 ]; do
+    sleep 0.1; _i=$((_i + 1))
+  done
   tail -n +$((_n + 1)) "$_log" | head -n 150 | sed 's/^/L1-BT /'
   # An interrupt entry (asm_sysvec_*, asm_common_interrupt), then within a few lines the
   # frame it interrupted: "RIP: ..." and "EFLAGS: xxxxxxxx". IF is 0x200: the sixth hex

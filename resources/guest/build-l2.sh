@@ -18,8 +18,8 @@ set -euo pipefail
 # virtio* and *failover when the guest has no virtio device (see guest/init.sh), igbvf, the
 # driver of the igb VFs the VFIO tests pass through, and uio_pci_generic, which lets a test
 # script field the INTx of a passed-through QEMU "edu" device (each only when that device
-# is there).
-L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover igbvf uio_pci_generic"}
+# is there), and pvpanic_mmio, which tells Tandem (or QEMU) that the guest kernel panicked.
+L2_MODULES=${L2_MODULES-"virtio_pci virtio_net virtio_blk net_failover igbvf uio_pci_generic pvpanic_mmio"}
 
 IPERF=/usr/bin/iperf3
 BB=$CACHE/blkbench

@@ -1,5 +1,5 @@
 # L1 scenario for tests/bed_faults.rs: tandem stopped by signals mid-boot and mid-traffic,
-# a guest that triple-faults, disks that fill up or shrink under the guest, and a tap
+# a guest that triple-faults or panics, disks that fill up or shrink under the guest, and a tap
 # deleted under a running NIC. The taps of the signal runs are tandem's own (created by
 # it, so they must go with it).
 . /lib/bed.sh
@@ -47,6 +47,10 @@ sed 's/^/L1-FAULT-CLEANUP /' /tmp/cleanup.out
 printf 'echo "L2-FAULT-TRIPLE"\nreboot -f\nsleep 30\n' | mkscript_disk /tmp/triple.img -
 run_tandem triple --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
   --disk path=/tmp/triple.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE reboot=triple"
+
+# 3b. A guest kernel that panics (sysrq c, after /init loaded pvpanic): tandem says so and
+#     fails, though with panic=-1 the guest then reboots.
+run_tandem panic --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M --cmdline "$L2_CMDLINE tandem.action=panic"
 
 # 4. Disks that fail under the guest: one whose image sits on a 4 MiB tmpfs (it fills up),
 #    one whose image L1 truncates while the guest runs (it shrinks to nothing).

@@ -266,11 +266,25 @@ impl Vm {
         let latch = &self.shared.latch;
         let mut fd = libc::pollfd { fd: latch.event().as_raw_fd(), events: libc::POLLIN, revents: 0 };
         loop {
+            let deadline = latch.panic_deadline();
+            if deadline.is_some() {
+                // The panic's wake-up is spent; drained before the look at the reason, so
+                // that a reason set after this look wakes the poll below.
+                let _ = latch.event().read();
+            }
             if let Some(reason) = latch.get() {
                 return Ok(reason);
             }
+            let timeout_ms = match deadline.map(|at| at.saturating_duration_since(Instant::now())) {
+                None => -1,
+                Some(left) if left.is_zero() => {
+                    latch.set(GuestExit::Panicked);
+                    continue;
+                }
+                Some(left) => i32::try_from(left.as_millis() + 1).unwrap_or(i32::MAX),
+            };
             // SAFETY: `fd` is a valid pollfd for the duration of the call.
-            if unsafe { libc::poll(&mut fd, 1, -1) } < 0 {
+            if unsafe { libc::poll(&mut fd, 1, timeout_ms) } < 0 {
                 let err = std::io::Error::last_os_error();
                 if err.kind() != std::io::ErrorKind::Interrupted {
                     return Err(RunError::Wait(err));

@@ -4,14 +4,8 @@
 //! this one byte port. Linux powers off by writing `SLP_TYP << 2 | SLP_EN` with the S5
 //! sleep type from the DSDT's `\_S5_` package, and resets by writing RESET_VALUE.
 
-use super::PowerSink;
+use super::{PowerEvent, PowerSink};
 use crate::bus::BusDevice;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PowerEvent {
-    PowerOff,
-    Reset,
-}
 
 pub struct AcpiPmControl {
     sink: PowerSink,

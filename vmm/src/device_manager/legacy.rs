@@ -1,9 +1,9 @@
-//! The fixed-address PC devices: COM1, i8042, CMOS RTC and the ACPI power register.
+//! The fixed-address PC devices: COM1, i8042, CMOS RTC, the ACPI power register and pvpanic.
 
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
-use devices::legacy::{AcpiPmControl, Cmos, EventFdTrigger, SerialDevice, I8042};
+use devices::legacy::{AcpiPmControl, Cmos, EventFdTrigger, PvPanic, SerialDevice, I8042};
 
 use super::{DeviceError, DeviceManager};
 use crate::vm::KvmVm;
@@ -16,8 +16,8 @@ const _: () = assert!(AcpiPmControl::S5_SLEEP_TYPE == boot::layout::ACPI_S5_SLEE
 const _: () = assert!(AcpiPmControl::RESET_VALUE == boot::layout::ACPI_RESET_VALUE);
 
 impl DeviceManager {
-    /// Adds COM1 (output to `serial_out`), the i8042 and CMOS, and the ACPI sleep/reset
-    /// register at `acpi_pm_port` (the port the FADT names).
+    /// Adds COM1 (output to `serial_out`), the i8042 and CMOS, the ACPI sleep/reset
+    /// register at `acpi_pm_port` (the port the FADT names) and pvpanic (the DSDT's).
     pub fn add_legacy_devices(
         &mut self,
         vm: &KvmVm,
@@ -36,6 +36,8 @@ impl DeviceManager {
 
         let pm = AcpiPmControl::new(self.power.clone());
         self.place_pio("the ACPI power register", u64::from(acpi_pm_port), 1, Arc::new(Mutex::new(pm)))?;
+        let pvpanic = Arc::new(Mutex::new(PvPanic::new(self.power.clone())));
+        self.place_pio("pvpanic", u64::from(boot::layout::PVPANIC_PORT), PvPanic::PORT_LEN, pvpanic)?;
         Ok(())
     }
 }
