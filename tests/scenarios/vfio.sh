@@ -27,8 +27,8 @@ echo "L1-AFTER-CREATE $(vf_state "$PF" 0)"
 ls /run/tandem/vf/ 2>/dev/null | sed 's/^/L1-JOURNAL-LEFT /'
 
 # 2. VFs the host made (autoprobe on, VF 0 on igbvf): Tandem borrows VF 0 and gives it back
-#    on igbvf with its original MAC, after a clean poweroff, after SIGTERM, and after
-#    SIGKILL + cleanup.
+#    on igbvf with its original MAC, after a clean poweroff, after SIGTERM and SIGKILL +
+#    cleanup mid-traffic, and after SIGINT mid-boot.
 PFD=/sys/class/net/$PF/device
 echo 0 > $PFD/sriov_drivers_autoprobe    # igbvf probing mid PF re-init never recovers
 echo 2 > $PFD/sriov_numvfs
@@ -46,19 +46,41 @@ run_tandem borrow --kernel $L2_KERNEL --initramfs $L2_INITRD --memory size=512M,
 echo "L1-AFTER-BORROW $(vf_state "$PF" 0)"
 echo 0 > /proc/sys/vm/nr_hugepages
 
-printf 'IF=$(l2_if_by_driver igbvf) && echo "L2-VF-UP if=$IF mac=$(cat /sys/class/net/$IF/address)"\nsleep 600\n' \
-  | mkscript_disk /tmp/hold.img -
+# Mid-traffic: the guest pings the PF every 10 ms over the VF until the signal comes.
+cat > /tmp/hold.sh <<'L2'
+IF=$(l2_if_by_driver igbvf) || { echo "L2-VF-NO-IGBVF"; exit 1; }
+ip addr add 10.98.0.3/24 dev "$IF" && ip link set "$IF" up
+i=0; until grep -q 1 "/sys/class/net/$IF/carrier" 2>/dev/null || [ $i -ge 100 ]; do sleep 0.2; i=$((i + 1)); done
+ping -i 0.01 10.98.0.2 > /dev/null 2>&1 &
+echo "L2-VF-UP if=$IF mac=$(cat /sys/class/net/$IF/address)"
+sleep 600
+L2
+mkscript_disk /tmp/hold.img /tmp/hold.sh
+# pf_traffic NAME: the packets the PF took from the guest in one second, then the VF's state.
+pf_traffic() {
+  _a=$(cat /sys/class/net/$PF/statistics/rx_packets); sleep 1; _b=$(cat /sys/class/net/$PF/statistics/rx_packets)
+  echo "L1-DURING-$1 pf_rx=$((_b - _a)) $(vf_state "$PF" 0)"
+}
 run_bg term $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --vf "pf=$PF,index=0,mac=02:00:00:00:aa:04,id=vf0" \
   --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-run_wait_for term "L2-VF-UP" 300 && run_signal term TERM
+run_wait_for term "L2-VF-UP" 300 && pf_traffic TERM && run_signal term TERM
 run_end term
 echo "L1-AFTER-TERM $(vf_state "$PF" 0)"
+
+# SIGINT while the guest kernel boots: the VF is leased and mapped, no driver has it yet.
+run_bg int $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:05,id=vf0" \
+  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+run_wait_for int "mapped for DMA" 60 && sleep 0.5 && echo "L1-DURING-INT $(vf_state "$PF" 0)"
+run_signal int INT
+run_end int
+echo "L1-AFTER-INT $(vf_state "$PF" 0)"
 
 run_bg killed $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --vf "pf=$PF,index=0,mac=02:00:00:00:aa:03,id=vf0" \
   --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-run_wait_for killed "L2-VF-UP" 300 && echo "L1-DURING-KILLED $(vf_state "$PF" 0)"
+run_wait_for killed "L2-VF-UP" 300 && pf_traffic KILLED
 run_signal killed KILL
 run_end killed
 echo "L1-AFTER-KILL $(vf_state "$PF" 0)"
