@@ -5,6 +5,7 @@
 //! A scenario brackets each `tandem` run with `RUN-BEGIN <name>` and
 //! `RUN-END <name> rc=<status>` lines; the L2 guest's console lands between them.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -103,10 +104,25 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     let read =
         |log: &Path| std::fs::read(log).map(|b| String::from_utf8_lossy(&b).replace('\r', "")).unwrap_or_default();
     let mut status = cmd.status().expect("run resources/bed/run-l1.sh");
-    // An L1 that hangs or dies before its init never ran tandem: that is the emulated
-    // bed's fault (TCG), so it boots once more; a second such run fails the test.
-    if !status.success() && !read(&log).contains("L1-INIT-OK") {
-        eprintln!("[harness] L1 ended ({status}) before its init, before tandem ran: booting it once more");
+    // The emulated bed's own failures (TCG running L1 and its emulated SVM): an L1 that
+    // hangs or dies before its init never ran tandem; an L1 whose kernel panicked (QEMU's
+    // status 1 through pvpanic; run-l1.sh makes an Oops a panic) crashed in the kernel,
+    // which a process cannot make it do. Either boots once more; a second failure stands.
+    let text = read(&log);
+    let retry = if !status.success() && !text.contains("L1-INIT-OK") {
+        Some(format!("L1 ended ({status}) before its init, before tandem ran"))
+    } else if status.code() == Some(1) {
+        let panic = text.lines().rev().find(|l| l.contains("Kernel panic - not syncing")).unwrap_or("no panic line");
+        Some(format!("L1's kernel panicked ({})", panic.trim()))
+    } else {
+        None
+    };
+    if let Some(why) = retry {
+        let first = work.join("l1-first.log");
+        let _ = std::fs::rename(&log, &first);
+        // Straight to stderr, past the test's capture: a retry is seen in every run's log.
+        let _ =
+            writeln!(std::io::stderr(), "[harness] bed {name}: {why}; log {}: booting it once more", first.display());
         status = cmd.status().expect("run resources/bed/run-l1.sh");
     }
     drop(one);
