@@ -6,6 +6,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use vmm::seccomp::{SeccompFilters, ThreadKind};
 use vmm::{ConfigDocument, GuestExit, VmConfig};
 
 /// Boot a Linux guest under KVM.
@@ -180,8 +181,8 @@ fn block_stop_signals() -> libc::sigset_t {
     set
 }
 
-fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmHandle) {
-    let spawned = std::thread::Builder::new().name("signals".into()).spawn(move || loop {
+fn forward_stop_signals(set: libc::sigset_t, stopper: vmm::VmHandle, seccomp: &SeccompFilters) {
+    let spawned = vmm::seccomp::spawn("signals", seccomp, ThreadKind::Signals, move || loop {
         let mut sig: libc::c_int = 0;
         // SAFETY: `set` and `sig` are valid for the call.
         if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
@@ -199,12 +200,15 @@ fn run(cli: Cli) -> anyhow::Result<GuestExit> {
     let config = cli.into_config()?;
     let notices = vmm::Notices::new(|n| eprintln!("tandem: {n}"));
     let mut vm = vmm::Vm::with_notices(&config, notices).context("cannot start the VM")?;
-    forward_stop_signals(signals, vm.handle());
+    forward_stop_signals(signals, vm.handle(), vm.seccomp());
     if let Some(path) = api_socket {
         // Served until the VM ends; the socket file goes with it.
         vm.serve_api(&path).context("cannot serve the control socket")?;
     }
-    Ok(vm.run()?)
+    vm.start()?;
+    // From here this thread only waits for the end and takes the VM down.
+    vm.seccomp().install(ThreadKind::Main).context("cannot filter the main thread")?;
+    Ok(vm.wait()?)
 }
 
 /// `tandem ctl`: one request; the answer on stdout.

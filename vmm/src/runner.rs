@@ -206,6 +206,12 @@ impl Vm {
         self.handle.clone()
     }
 
+    /// The seccomp filters of this VM's threads, for threads of the embedder's own that
+    /// take part (see [`ThreadKind::Main`](crate::seccomp::ThreadKind::Main)).
+    pub fn seccomp(&self) -> &SeccompFilters {
+        &self.shared.seccomp
+    }
+
     /// Serves the control socket at `path` until the VM ends; the socket file goes
     /// with it.
     pub fn serve_api(&mut self, path: &std::path::Path) -> Result<(), crate::api::ServerError> {

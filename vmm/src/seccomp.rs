@@ -1,18 +1,22 @@
 //! Seccomp filters, one per kind of VMM thread, each allowing only the system calls that
 //! kind makes. A thread installs its own filter before it touches anything the guest
 //! controls: a vCPU before its first KVM_RUN, the device loop before its first event, the
-//! control threads before their first request.
+//! control threads before their first request, `tandem`'s main thread once the VM runs.
 //!
 //! With `on`, any other call kills the whole process (SIGSYS): a VMM that makes a call it
 //! never makes is compromised or broken, and must not go on. The kernel logs the thread and
 //! the call (`dmesg | grep type=1326`); `tandem cleanup` gives back its host devices, as
 //! after SIGKILL. With `log`, such calls are allowed and logged, to find what a new code
 //! path needs. Threads without file access get EACCES for opening one instead (see REFUSED).
+//! ioctl, the one call whose argument picks the kernel code it reaches, is filtered on that
+//! argument too (see IOCTL_TYPES).
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, SeccompRule, TargetArch};
+use seccompiler::{
+    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter, SeccompRule, TargetArch,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SeccompError {
@@ -65,22 +69,32 @@ pub enum ThreadKind {
     Devices,
     /// The control socket and the failover worker: hot-plug, host devices, netlink.
     Control,
+    /// The thread that started the VM, once it runs: it waits for the end, then takes the
+    /// VM down (vCPUs and devices stopped, host devices and taps given back, the terminal
+    /// restored). `tandem` filters its main thread so; an embedder may do the same.
+    Main,
+    /// Waits for SIGTERM, SIGINT and SIGHUP (sigwait) and ends the VM.
+    Signals,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Control];
+    pub const ALL: [ThreadKind; 5] =
+        [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Control, ThreadKind::Main, ThreadKind::Signals];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Vcpu => "vCPU",
             Self::Devices => "device",
             Self::Control => "control",
+            Self::Main => "main",
+            Self::Signals => "signal",
         }
     }
 
-    /// Only control threads open files by name; the others get EACCES (see REFUSED).
+    /// Only control and main threads open files by name; the others get EACCES (see
+    /// REFUSED).
     fn opens_files(self) -> bool {
-        self == Self::Control
+        matches!(self, Self::Control | Self::Main)
     }
 
     /// The system calls this kind of thread makes.
@@ -90,10 +104,22 @@ impl ThreadKind {
             Self::Vcpu => calls.extend_from_slice(DEVICE_SETUP),
             Self::Devices => calls.extend_from_slice(DEVICES),
             Self::Control => calls.extend(DEVICE_SETUP.iter().chain(CONTROL)),
+            // Taking the VM down undoes what set-up, control and the devices did.
+            Self::Main => calls.extend(DEVICE_SETUP.iter().chain(CONTROL).chain(DEVICES)),
+            Self::Signals => calls.push(libc::SYS_rt_sigtimedwait),
         }
         calls.sort_unstable();
         calls.dedup();
         calls
+    }
+
+    /// ioctls this kind makes beyond IOCTL_TYPES and IOCTLS: the main thread gives the
+    /// terminal its mode back.
+    fn more_ioctls(self) -> &'static [libc::c_ulong] {
+        match self {
+            Self::Main => &[libc::TCGETS, libc::TCSETS],
+            _ => &[],
+        }
     }
 }
 
@@ -208,6 +234,34 @@ const CONTROL: &[i64] = &[
     libc::SYS_kill,
 ];
 
+/// ioctl is the widest call a thread makes: its request number picks any driver's handler.
+/// Threads reach only KVM's and VFIO's (whole request types: every KVM_* and VFIO_* call
+/// goes to a KVM or VFIO fd) and, by exact number, the tap's calls and non-blocking mode.
+/// Not TIOCSTI, nor any other driver's.
+const IOCTL_TYPES: &[u8] = &[kvm_bindings::KVMIO as u8, VFIO_TYPE];
+/// VFIO's ioctl type, `';'` (linux/vfio.h).
+const VFIO_TYPE: u8 = b';';
+const IOCTLS: &[libc::c_ulong] = &[
+    libc::TUNSETIFF,
+    libc::TUNGETIFF,
+    libc::TUNSETVNETHDRSZ,
+    libc::TUNSETOFFLOAD,
+    libc::TUNSETQUEUE,
+    libc::SIOCGIFFLAGS as libc::c_ulong,
+    libc::SIOCSIFFLAGS as libc::c_ulong,
+    libc::FIONBIO,
+    libc::FIOCLEX,
+];
+
+/// The ioctls of IOCTL_TYPES and IOCTLS, on the request argument (the low 32 bits: the
+/// kernel's request is an unsigned int).
+fn ioctl_rules(kind: ThreadKind) -> Result<Vec<SeccompRule>, seccompiler::BackendError> {
+    let request = |op, value| SeccompCondition::new(1, SeccompCmpArgLen::Dword, op, value);
+    let types = IOCTL_TYPES.iter().map(|&t| request(SeccompCmpOp::MaskedEq(0xff00), u64::from(t) << 8));
+    let exact = IOCTLS.iter().chain(kind.more_ioctls()).map(|&nr| request(SeccompCmpOp::Eq, u64::from(nr as u32)));
+    types.chain(exact).map(|cond| SeccompRule::new(vec![cond?])).collect()
+}
+
 /// Calls that threads without file access get an error for instead of being killed.
 /// glibc opens files behind a caller's back, once per process, in whichever thread gets
 /// there first: `free` reads /proc/sys/vm/overcommit_memory when it first shrinks a
@@ -223,7 +277,7 @@ pub struct SeccompFilters {
 
 struct Programs {
     /// One per kind, in `ThreadKind::ALL` order.
-    allow: [BpfProgram; 3],
+    allow: Vec<BpfProgram>,
     /// Layered with `allow` for the kinds without file access, whose `allow` passes
     /// REFUSED: the kernel takes the strictest answer of a thread's filters, EACCES.
     refuse: BpfProgram,
@@ -231,35 +285,41 @@ struct Programs {
 
 impl SeccompFilters {
     pub fn new(mode: SeccompMode) -> Result<Self, SeccompError> {
-        let mismatch = match mode {
-            SeccompMode::Off => return Ok(Self::default()),
-            SeccompMode::Log => SeccompAction::Log,
-            SeccompMode::On => SeccompAction::KillProcess,
-        };
+        match mode {
+            SeccompMode::Off => Ok(Self::default()),
+            SeccompMode::Log => Self::answering(SeccompAction::Log),
+            SeccompMode::On => Self::answering(SeccompAction::KillProcess),
+        }
+    }
+
+    /// Filters that answer a call outside a kind's list with `mismatch`.
+    fn answering(mismatch: SeccompAction) -> Result<Self, SeccompError> {
         let build = |kind: ThreadKind| {
             let mut calls = kind.allowed();
             // REFUSED passes here so that `refuse`'s EACCES, not this mismatch, answers it.
             if !kind.opens_files() {
                 calls.extend_from_slice(REFUSED);
             }
-            compile(kind.name(), calls, mismatch.clone(), SeccompAction::Allow)
+            compile(kind.name(), calls, Some(kind), mismatch.clone(), SeccompAction::Allow)
         };
-        let allow = [build(ThreadKind::Vcpu)?, build(ThreadKind::Devices)?, build(ThreadKind::Control)?];
-        let refuse =
-            compile("refused-call", REFUSED.to_vec(), SeccompAction::Allow, SeccompAction::Errno(libc::EACCES as u32))?;
+        let allow = ThreadKind::ALL.into_iter().map(build).collect::<Result<_, _>>()?;
+        let refused = SeccompAction::Errno(libc::EACCES as u32);
+        let refuse = compile("refused-call", REFUSED.to_vec(), None, SeccompAction::Allow, refused)?;
         Ok(Self { programs: Some(Arc::new(Programs { allow, refuse })) })
     }
 
     /// Filters the calling thread (and any it starts) from now on; a no-op with `off`.
     pub fn install(&self, kind: ThreadKind) -> Result<(), SeccompError> {
         let Some(programs) = &self.programs else { return Ok(()) };
-        let index = ThreadKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let Some(allow) = ThreadKind::ALL.iter().position(|k| *k == kind).and_then(|i| programs.allow.get(i)) else {
+            return Err(SeccompError::Install { kind: kind.name(), reason: "no filter for it".into() });
+        };
         let fail = |e: seccompiler::Error| SeccompError::Install { kind: kind.name(), reason: e.to_string() };
         // First: once `allow` is in, installing another filter is a call it refuses.
         if !kind.opens_files() {
             seccompiler::apply_filter(&programs.refuse).map_err(fail)?;
         }
-        seccompiler::apply_filter(&programs.allow[index]).map_err(fail)
+        seccompiler::apply_filter(allow).map_err(fail)
     }
 
     pub fn is_on(&self) -> bool {
@@ -267,15 +327,20 @@ impl SeccompFilters {
     }
 }
 
-/// A filter answering `calls` with `on_match` and every other call with `mismatch`.
+/// A filter answering `calls` with `on_match` and every other call with `mismatch`; for
+/// a thread `kind`, an ioctl matches only with a request [`ioctl_rules`] lets through.
 fn compile(
     what: &'static str,
     calls: Vec<i64>,
+    kind: Option<ThreadKind>,
     mismatch: SeccompAction,
     on_match: SeccompAction,
 ) -> Result<BpfProgram, SeccompError> {
     let fail = |reason: String| SeccompError::Build { kind: what, reason };
-    let rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|nr| (nr, vec![])).collect();
+    let mut rules: BTreeMap<i64, Vec<SeccompRule>> = calls.into_iter().map(|nr| (nr, vec![])).collect();
+    if let (Some(kind), Some(ioctl)) = (kind, rules.get_mut(&libc::SYS_ioctl)) {
+        *ioctl = ioctl_rules(kind).map_err(|e| fail(e.to_string()))?;
+    }
     let filter = SeccompFilter::new(rules, mismatch, on_match, TargetArch::x86_64).map_err(|e| fail(e.to_string()))?;
     BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
 }
@@ -365,6 +430,43 @@ mod tests {
         .join()
         .unwrap();
         assert_eq!(rx.recv().unwrap(), Some(Some(libc::EACCES)));
+    }
+
+    #[test]
+    fn ioctls_reach_kvm_vfio_and_the_tap_calls_and_nothing_else() {
+        // EPERM instead of a kill, so that the test sees each answer.
+        let filters = SeccompFilters::answering(SeccompAction::Errno(libc::EPERM as u32)).unwrap();
+        let (sock, _peer) = std::os::unix::net::UnixStream::pair().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        spawn("ioctls", &filters, ThreadKind::Control, move || {
+            use std::os::fd::AsRawFd;
+            let call = |request: libc::c_ulong| {
+                let mut arg: libc::c_int = 1;
+                // SAFETY: each request reads or writes at most an int at `arg`, a live local.
+                let ret = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, &mut arg) };
+                if ret < 0 {
+                    std::io::Error::last_os_error().raw_os_error()
+                } else {
+                    Some(0)
+                }
+            };
+            let kvm_get_api_version = u64::from(kvm_bindings::KVMIO) << 8;
+            let vfio_get_api_version = u64::from(VFIO_TYPE) << 8 | 100;
+            let answers = [
+                call(libc::FIONBIO),
+                call(kvm_get_api_version as libc::c_ulong),
+                call(vfio_get_api_version as libc::c_ulong),
+                call(libc::TIOCSTI),
+                call(libc::FIONREAD),
+            ];
+            let _ = tx.send(answers);
+        })
+        .unwrap()
+        .join()
+        .unwrap();
+        let (ok, not_a_tty, refused) = (Some(0), Some(libc::ENOTTY), Some(libc::EPERM));
+        // KVM's and VFIO's pass the filter (and the socket says it knows neither).
+        assert_eq!(rx.recv().unwrap(), [ok, not_a_tty, not_a_tty, refused, refused]);
     }
 
     #[test]
