@@ -16,7 +16,9 @@ fn bed() -> &'static BedLog {
     BED.get_or_init(|| {
         let opts = BedOptions { iommu: true, igb: true, timeout_s: 600, ..Default::default() };
         // A run that got to its last step and never saw its guest stop needs no second try.
-        let done = |bed: &BedLog| bed.text.contains("L1-GONE-PING") && !bed.text.contains("L1-SW-GUEST-STOPPED");
+        let stopped =
+            |bed: &BedLog| bed.text.contains("L1-SW-GUEST-STOPPED") || bed.text.contains("L1-FO-GUEST-STOPPED");
+        let done = |bed: &BedLog| bed.text.contains("L1-GONE-PING") && !stopped(bed);
         run_bed_retrying("failover", &repo_root().join("tests/scenarios/failover.sh"), &opts, 3, done)
     })
 }
@@ -69,15 +71,17 @@ fn num(line: &str, key: &str) -> u64 {
     kv(line, key).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no number {key}= in {line}"))
 }
 
-/// The pings kept being answered across the VF's moves: never 2 s without a reply. A
-/// standby that does not take over leaves the guest silent for the 3-4 s the VF is away;
-/// a working one for ~0.1 s. Loss and outage are the benchmark's to measure, not bounds
-/// here: a slow bed answers fewer of the 10 ms pings, and that is no failover bug.
-fn traffic_continued(what: &str, ping: &str) {
+/// The pings kept being answered across the VF's moves: no run of unanswered ones as long
+/// as the `away_s` seconds the VF is out, which a standby that does not take over leaves
+/// silent (a working one: ~0.1 s, up to the 2 s igbvf takes to see a lost link). Loss and
+/// outage are the benchmark's to measure, not bounds here: a slow bed answers fewer of the
+/// 10 ms pings, and that is no failover bug.
+fn traffic_continued(what: &str, ping: &str, away_s: u64) {
     eprintln!("{what}: {ping}");
     let (sent, received, gap) = (num(ping, "sent"), num(ping, "received"), num(ping, "longest_gap"));
     assert!(sent >= 300 && received > 0, "the pings did not run: {ping}");
-    assert!(gap < 200, "traffic did not continue: {ping}");
+    // Half a second short of the whole time away, in 10 ms pings.
+    assert!(gap < away_s * 100 - 50, "traffic did not continue: {ping}");
 }
 
 #[test]
@@ -116,7 +120,7 @@ fn device_add_brings_the_vf_back_and_the_traffic_returns_to_it() {
     // 2 s of 10 ms pings between the two samples: over the VF, not the standby.
     let (vf, sb) = (num(b, "vf_rx") - num(a, "vf_rx"), num(b, "sb_rx") - num(a, "sb_rx"));
     assert!(vf >= 50 && sb * 10 < vf, "the traffic did not return to the VF: {a} / {b}");
-    traffic_continued("failover under 10 ms pings", l1(bed, "L1-SW-PING"));
+    traffic_continued("failover under 10 ms pings", l1(bed, "L1-SW-PING"), 4);
     assert!(l1(bed, "L1-SW-HOST-BACK").contains("driver=vfio-pci"), "{}", l1(bed, "L1-SW-HOST-BACK"));
     let exit = l1(bed, "L1-SW-AFTER-EXIT");
     assert!(exit.ends_with("numvfs=0"), "the VFs Tandem made are still there after the VM: {exit}");
@@ -151,7 +155,7 @@ fn when_the_pf_loses_its_link_the_vf_leaves_by_itself_and_comes_back_with_it() {
     assert!(b.contains(r#""state":"plugged""#), "{b}");
     let (vf, sb) = (num(b, "vf_rx") - num(a, "vf_rx"), num(b, "sb_rx") - num(a, "sb_rx"));
     assert!(vf >= 50 && sb * 10 < vf, "the traffic did not return to the VF: {a} / {b}");
-    traffic_continued("PF link down and up under 10 ms pings", l1(bed, "L1-AUTO-PING"));
+    traffic_continued("PF link down and up under 10 ms pings", l1(bed, "L1-AUTO-PING"), 3);
     let run = bed.run("switch");
     assert!(run.lines.iter().any(|l| l.contains("lost its link")), "{}", run.console());
     assert!(run.lines.iter().any(|l| l.contains("has its link again")), "{}", run.console());
@@ -169,7 +173,7 @@ fn when_the_host_takes_the_vf_away_tandem_unplugs_it_and_the_standby_carries_on(
     assert!(after.contains(r#""state":"parked-host-took-it""#), "{after}");
     let standby = num(after, "sb0_rx") - num(before, "sb0_rx");
     assert!(standby >= 75, "the standby did not carry the traffic once the VF was gone: {before} / {after}");
-    traffic_continued("VF taken away by the host under 10 ms pings", l1(bed, "L1-GONE-PING"));
+    traffic_continued("VF taken away by the host under 10 ms pings", l1(bed, "L1-GONE-PING"), 3);
     assert!(run.lines.iter().any(|l| l.contains("the host wants the device back")), "{}", run.console());
 }
 
@@ -178,7 +182,9 @@ fn the_guest_kept_running_throughout() {
     let bed = bed();
     let why = bed_fault(&bed.text).map(|f| format!(" in every run: {f}")).unwrap_or_default();
     assert!(bed.text.contains("L1-GONE-PING"), "the scenario never got to its last step{why}\n{}", bed.tail(200));
-    assert!(!bed.text.contains("L1-SW-GUEST-STOPPED"), "the guest stopped{why}\n{}", bed.tail(200));
+    for stopped in ["L1-FO-GUEST-STOPPED", "L1-SW-GUEST-STOPPED"] {
+        assert!(!bed.text.contains(stopped), "the guest stopped{why}\n{}", bed.tail(200));
+    }
 }
 
 #[test]
