@@ -31,7 +31,8 @@
 #                  its program: once L1's QEMU has exited (and on every other exit of this
 #                  script) it gets SIGTERM, by its pid, and is waited for (SIGKILL after
 #                  5 s), before the namespace goes. Its exit status is not ours.
-# Exit status: QEMU's (0 when L1 powered off; 1 when L1's kernel panicked, via pvpanic).
+# Exit status: QEMU's (0 when L1 powered off; 1 when L1's kernel panicked, via pvpanic, or
+# crashed and hung, see below).
 # A one-line summary goes to stderr. Root is needed only for --igb.
 set -euo pipefail
 . "$(dirname "$0")/../lib/common.sh"
@@ -148,6 +149,17 @@ if [ -n "${L1_NETNS_CMD:-}" ]; then
   L1_LOG=$LOG L1_NETNS=$NS ip netns exec "$NS" sh -c "$L1_NETNS_CMD" </dev/null &
   HOOK=$!
 fi
+# An L1 kernel that crashes in its exception entry can hang printing its Oops, before the
+# panic that oops=panic asks for: the crash's first line, then 20 s of no panic, ends QEMU
+# here, and this script exits 1 as for a panic.
+( while kill -0 $qpid 2>/dev/null; do
+    sleep 2
+    grep -aq 'BUG: TASK stack guard page was hit' "$LOG" 2>/dev/null || continue
+    sleep 20
+    kill -0 $qpid 2>/dev/null && : > "$LOG.crashed" && kill -TERM $qpid
+    break
+  done ) &
+WATCH=$!
 # QEMU exits 0 when terminated by a signal: remember that we were stopped.
 stopped=""
 for sig in INT TERM HUP; do
@@ -161,6 +173,9 @@ done
 if [ -n "$stopped" ]; then
   rc=$((128 + $(kill -l "$stopped")))
 fi
+kill $WATCH 2>/dev/null || true
+crashed=0
+if [ -e "$LOG.crashed" ]; then crashed=1; rc=1; rm -f "$LOG.crashed"; fi
 stop_hook
 wall=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN{printf "%.1f", e - s}')
 note=""
@@ -169,6 +184,7 @@ case $rc in
   124|137) note=" (timed out after ${TMO}s)" ;;
   1) grep -q 'Kernel panic' "$LOG" 2>/dev/null && note=" (L1 kernel panic)" ;;
 esac
+[ $crashed = 0 ] || note=" (L1 kernel crashed and hung in its Oops: ended)"
 [ -z "$stopped" ] || note=" (stopped by SIG$stopped)"
 scen=$(grep -ao 'L1-SCENARIO-EXIT rc=[0-9]*' "$LOG" 2>/dev/null | tail -n1 | tr -d '\r' || true)
 say "qemu_rc=$rc wall=${wall}s ${scen:-no scenario exit seen} log=$LOG$note"
