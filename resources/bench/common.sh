@@ -85,7 +85,8 @@ bench_median_stdin() {
 # qemu-as-tandem, RUNS rounds of SECS; prints the BENCH lines and each VMM's medians of KEY_A
 # and KEY_B, and dies unless every round measured both with the VMM exiting 0. WHAT names a
 # round for the log ("2 x 5 s"). The BENCH lines stay in $BENCH_LINES for bench_paired_ratio.
-# BENCH_L1_ARGS: more run-l1.sh options (e.g. "--iommu --igb").
+# BENCH_L1_ARGS: more run-l1.sh options (e.g. "--iommu --igb"); BENCH_GUESTS: how the
+# scenario runs its guests, for the log line (default "both guests up at once").
 bench_in_l1() {
   local name=$1 script=$2 what=$3 ka=$4 kb=$5 log rc=0 ok=1 vmm n bad
   W=$(mktemp -d "${TMPDIR:-/tmp}/tandem-bench-$name.XXXXXX")
@@ -93,7 +94,7 @@ bench_in_l1() {
   "$RES/bed/overlay.sh" "$W/overlay.cpio" "$TANDEM" "$script:/scenario.sh" \
     "$RES/bench/qemu-as-tandem.sh:/bin/qemu-as-tandem" "$RES/bench/l1-lib.sh:/lib/bench-l1.sh"
   log=$CACHE/bench-$name-l1.log
-  say "$RUNS rounds of $what per VMM, both guests up at once in one L1; L1 log: $log"
+  say "$RUNS rounds of $what per VMM, ${BENCH_GUESTS:-both guests up at once} in one L1; L1 log: $log"
   # shellcheck disable=SC2086  # BENCH_L1_ARGS: more run-l1.sh options, word-split
   "$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) ${BENCH_L1_ARGS:-} \
     --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$log" || rc=$?

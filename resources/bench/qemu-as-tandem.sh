@@ -12,7 +12,7 @@
 # Understood (as Tandem parses them): --kernel PATH, --initramfs PATH, --cmdline STR,
 # --cpus N, --memory SIZE, --serial stdio|off|file=PATH,
 # --net tap=NAME[,mac=MAC][,id=ID][,queues=N], --disk path=PATH[,readonly=on][,direct=on][,id=ID],
-# --device path=/sys/bus/pci/devices/BDF[,id=ID] (--flag VALUE or --flag=VALUE; --net/--disk/
+# --device path=/sys/bus/pci/devices/BDF[,id=ID], --api-socket PATH (--flag VALUE or --flag=VALUE; --net/--disk/
 # --device repeatable, in order).
 #
 # The QEMU configuration (the comparison point of the benchmarks):
@@ -28,12 +28,13 @@
 #             /sys/block/vdX/serial) is the disk's id.
 #   --device -> -device vfio-pci,host=BDF,romfile=  QEMU leaves binding to the caller: the
 #             device must already be on vfio-pci (Tandem binds it itself).
+#   --api-socket PATH -> -qmp unix:PATH,server=on,wait=off  (QMP, not Tandem's protocol).
 # Environment: QEMU_AS_TANDEM_MACHINE (default q35) replaces the -M value;
 # QEMU_AS_TANDEM_VERBOSE=1 prints the QEMU command line on stderr.
 set -u
 die() { echo "qemu-as-tandem: $*" >&2; exit 2; }
 
-kernel="" initrd="" cmdline="console=ttyS0 panic=-1" cpus=1 mem=512M serial=stdio
+kernel="" initrd="" cmdline="console=ttyS0 panic=-1" cpus=1 mem=512M serial=stdio qmp=
 devs=""   # QEMU arguments for the devices, one per line
 nnet=0 ndisk=0
 
@@ -105,6 +106,7 @@ while [ $# -gt 0 ]; do
     --net) add_net "$val" ;;
     --disk) add_disk "$val" ;;
     --device) add_device "$val" ;;
+    --api-socket) qmp=$val ;;
     *) die "unknown option $opt" ;;
   esac
 done
@@ -121,6 +123,7 @@ set -- -M "${QEMU_AS_TANDEM_MACHINE:-q35}" -accel kvm -cpu host -smp "$cpus" -m 
   -nodefaults -no-user-config -no-reboot -display none -serial "$ser" \
   -kernel "$kernel" -append "$cmdline"
 [ -n "$initrd" ] && set -- "$@" -initrd "$initrd"
+[ -n "$qmp" ] && set -- "$@" -qmp "unix:$qmp,server=on,wait=off"
 IFS='
 '
 for a in $devs; do set -- "$@" "$a"; done
