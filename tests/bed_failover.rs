@@ -9,17 +9,22 @@
 
 use std::sync::OnceLock;
 
-use tandem_tests::{bed_fault, kv, repo_root, run_bed_retrying, BedLog, BedOptions};
+use tandem_tests::{bed_fault, kv, redo_on_bed_fault, repo_root, run_bed_retrying, BedLog, BedOptions};
 
 fn bed() -> &'static BedLog {
     static BED: OnceLock<BedLog> = OnceLock::new();
     BED.get_or_init(|| {
         let opts = BedOptions { iommu: true, igb: true, timeout_s: 600, ..Default::default() };
-        // A run that got to its last step and never saw its guest stop needs no second try.
-        let stopped =
-            |bed: &BedLog| bed.text.contains("L1-SW-GUEST-STOPPED") || bed.text.contains("L1-FO-GUEST-STOPPED");
-        let done = |bed: &BedLog| bed.text.contains("L1-GONE-PING") && !stopped(bed);
-        run_bed_retrying("failover", &repo_root().join("tests/scenarios/failover.sh"), &opts, 3, done)
+        // A run that got to its last step and never saw its guest stop needs no second try;
+        // one whose guest kernel died is redone too (see failover.sh).
+        let redo = |bed: &BedLog| {
+            if let Some(died) = bed.text.lines().find(|l| l.starts_with("L1-SW-GUEST-DIED")) {
+                return Some(format!("the guest died, presumed the bed's fault: {died}"));
+            }
+            let stopped = bed.text.contains("L1-SW-GUEST-STOPPED") || bed.text.contains("L1-FO-GUEST-STOPPED");
+            redo_on_bed_fault(bed, bed.text.contains("L1-GONE-PING") && !stopped)
+        };
+        run_bed_retrying("failover", &repo_root().join("tests/scenarios/failover.sh"), &opts, 3, redo)
     })
 }
 
@@ -181,7 +186,7 @@ fn the_guest_kept_running_throughout() {
     let bed = bed();
     let why = bed_fault(&bed.text).map(|f| format!(" in every run: {f}")).unwrap_or_default();
     assert!(bed.text.contains("L1-GONE-PING"), "the scenario never got to its last step{why}\n{}", bed.tail(200));
-    for stopped in ["L1-FO-GUEST-STOPPED", "L1-SW-GUEST-STOPPED"] {
+    for stopped in ["L1-FO-GUEST-STOPPED", "L1-SW-GUEST-STOPPED", "L1-SW-GUEST-DIED"] {
         assert!(!bed.text.contains(stopped), "the guest stopped{why}\n{}", bed.tail(200));
     }
 }

@@ -14,7 +14,7 @@
 
 use std::sync::OnceLock;
 
-use tandem_tests::{kv, repo_root, run_bed_retrying, BedLog, BedOptions};
+use tandem_tests::{kv, redo_on_bed_fault, repo_root, run_bed_retrying, BedLog, BedOptions};
 
 const CYCLES: u64 = 20;
 /// Bed faults tolerated in one run (the scenario's MAX_FAULTS).
@@ -25,8 +25,8 @@ fn bed() -> &'static BedLog {
     BED.get_or_init(|| {
         let opts = BedOptions { iommu: true, igb: true, timeout_s: 600, ..Default::default() };
         // Faults the scenario cannot recover from itself (a stuck L1) get a second run.
-        let done = |bed: &BedLog| bed.text.contains(&format!("L1-HP-END cycles={CYCLES} "));
-        run_bed_retrying("hotplug", &repo_root().join("tests/scenarios/hotplug.sh"), &opts, 2, done)
+        let redo = |bed: &BedLog| redo_on_bed_fault(bed, bed.text.contains(&format!("L1-HP-END cycles={CYCLES} ")));
+        run_bed_retrying("hotplug", &repo_root().join("tests/scenarios/hotplug.sh"), &opts, 2, redo)
     })
 }
 

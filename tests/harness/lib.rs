@@ -140,25 +140,23 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     bed
 }
 
-/// As [`run_bed`], run again (at most `attempts` runs in all) while a run did not get
-/// `done` and its log shows one of the bed's own faults (see [`bed_fault`]). Any other
-/// failure is the test's to judge.
+/// As [`run_bed`], run again (at most `attempts` runs in all) while `redo` says why a
+/// run is to be redone (see [`redo_on_bed_fault`]). Any other failure is the test's to
+/// judge.
 pub fn run_bed_retrying(
     name: &str,
     scenario: &Path,
     opts: &BedOptions,
     attempts: u32,
-    done: impl Fn(&BedLog) -> bool,
+    redo: impl Fn(&BedLog) -> Option<String>,
 ) -> BedLog {
     let mut attempt = 1;
     loop {
         let bed = run_bed(name, scenario, opts);
-        if done(&bed) {
-            return bed;
-        }
-        let Some(fault) = bed_fault(&bed.text) else { return bed };
-        eprintln!(
-            "bed {name}, run {attempt} of at most {attempts}: the bed's fault, {fault} (log {})",
+        let Some(why) = redo(&bed) else { return bed };
+        let _ = writeln!(
+            std::io::stderr(),
+            "[harness] bed {name}, run {attempt} of at most {attempts}: {why} (log {})",
             bed.path.display()
         );
         if attempt >= attempts {
@@ -166,6 +164,15 @@ pub fn run_bed_retrying(
         }
         attempt += 1;
     }
+}
+
+/// The usual `redo` of [`run_bed_retrying`]: a run that is not `done` and whose log shows
+/// one of the bed's own faults.
+pub fn redo_on_bed_fault(bed: &BedLog, done: bool) -> Option<String> {
+    if done {
+        return None;
+    }
+    bed_fault(&bed.text).map(|f| format!("the bed's fault, {f}"))
 }
 
 /// The bed's own faults, measured, that neither tandem nor the guest can cause:

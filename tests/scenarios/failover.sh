@@ -187,6 +187,13 @@ else
   vm_stuck_report switch $SOCK
 fi
 run_end switch
+# A guest kernel that died before the shutdown above (seen once: a triple fault during
+# steady traffic, seconds after a re-plug): bed_failover.rs runs the bed again, presuming
+# the bed's fault as bed_hotplug does for its guests that die, and prints each.
+# (A panic is left out: the stuck-guest watch above makes one with its NMI.)
+if run_console switch all | grep -qE "^tandem: vCPU [0-9]+ triple-faulted"; then
+  echo "L1-SW-GUEST-DIED rc=$(cat /tmp/run-switch.rc) said=$(run_console switch | grep '^tandem: ' | tail -n 1 | tr ' ' _)"
+fi
 echo "L1-SW-AFTER-EXIT $(vf_state "$PF" 0)"
 $IPROUTE link del br0
 tap_down tfo
