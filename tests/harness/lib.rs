@@ -107,13 +107,17 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     // The emulated bed's own failures (TCG running L1 and its emulated SVM): an L1 that
     // hangs or dies before its init never ran tandem; an L1 whose kernel crashed (status 1:
     // a panic through pvpanic, run-l1.sh making an Oops one or ending an L1 that hung in
-    // its Oops) crashed in the kernel, which a process cannot make it do. Either boots once
-    // more; a second failure stands.
+    // its Oops or kept a CPU stalled in VMRUN) failed in the kernel, which a process cannot
+    // make it do. Either boots once more; a second failure stands.
     let text = read(&log);
     let retry = if !status.success() && !text.contains("L1-INIT-OK") {
         Some(format!("L1 ended ({status}) before its init, before tandem ran"))
     } else if status.code() == Some(1) {
-        let crash = |l: &&str| l.contains("Kernel panic - not syncing") || l.contains("BUG: TASK stack guard page");
+        let crash = |l: &&str| {
+            ["Kernel panic - not syncing", "BUG: TASK stack guard page", "rcu_preempt detected stalls"]
+                .iter()
+                .any(|m| l.contains(m))
+        };
         let panic = text.lines().rev().find(crash).unwrap_or("no panic line");
         Some(format!("L1's kernel crashed ({})", panic.trim()))
     } else {
