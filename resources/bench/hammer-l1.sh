@@ -75,7 +75,7 @@ one_round() {
   _iops=$(tr -d '\r' < /tmp/end.$1 | sed -n 's/^L2-BLKBENCH .*iops=\([0-9]*\).*/\1/p' | tail -n 1)
   if grep -q -- -1 /tmp/idle.ms /tmp/hammer.ms || [ -z "$_reads" ] || [ -z "$_iops" ]; then
     echo "--- $1 round $2: a request failed or the guest did not hammer:"
-    tr -d '\r' < /tmp/end.$1 | sed 's/^/  | /' | tail -n 20; cat /tmp/ask.out | sed 's/^/  | /'
+    tr -d '\r' < /tmp/end.$1 | sed 's/^/  | /' | tail -n 20; sed 's/^/  | /' /tmp/ask.out
     _rc=1
   fi
   set -- "$1" "$2" $(stats /tmp/idle.ms) $(stats /tmp/hammer.ms)

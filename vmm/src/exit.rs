@@ -120,12 +120,10 @@ impl ExitLatch {
     /// The callback devices use to end the VM on the guest's request.
     pub fn power_sink(self: &Arc<Self>) -> PowerSink {
         let latch = self.clone();
-        Arc::new(move |event| {
-            latch.set(match event {
-                PowerEvent::PowerOff => GuestExit::PowerOff,
-                PowerEvent::Reset => GuestExit::Reset,
-                PowerEvent::Panic => return latch.note_panic(),
-            })
+        Arc::new(move |event| match event {
+            PowerEvent::PowerOff => latch.set(GuestExit::PowerOff),
+            PowerEvent::Reset => latch.set(GuestExit::Reset),
+            PowerEvent::Panic => latch.note_panic(),
         })
     }
 }
