@@ -96,10 +96,11 @@ trap cleanup EXIT
 } > "$INITRD"
 
 # audit=1: with no audit daemon the kernel prints its audit records, among them the
-# seccomp ones (type=1326) that init.sh reports as L1-SECCOMP lines.
+# seccomp ones (type=1326) that init.sh reports as L1-SECCOMP lines; a larger audit queue
+# and kernel log keep them all through a burst (--seccomp log).
 # oops=panic: an L1 kernel Oops ends the run at once (pvpanic, below) instead of leaving a
 # half-dead L1 to the timeout.
-CMDLINE="console=ttyS0 panic=-1 oops=panic audit=1"
+CMDLINE="console=ttyS0 panic=-1 oops=panic audit=1 audit_backlog_limit=8192 log_buf_len=4M"
 # -nodefaults: no default NIC (QEMU's user-mode network would reach outside), VGA, etc.
 # pvpanic + panic=exit-failure: an L1 kernel panic ends QEMU with status 1, not 0.
 ARGS=(-accel tcg -M q35,kernel-irqchip=split -cpu max -smp "$SMP" -m "$MEM"

@@ -13,12 +13,18 @@
 //!   entry moves back only once the guest's VF driver turns its interrupts on, i.e. can
 //!   receive: until then the standby keeps carrying the traffic.
 //!
-//! Everything that changes the pair runs on one worker thread (or the API thread), in
-//! [`crate::passthrough::Passthrough`]; vCPU threads only post [`FailoverEvent`]s.
+//! Everything that changes the pair runs on one worker thread, in
+//! [`crate::passthrough::Passthrough`]: vCPU threads post [`FailoverEvent`]s, and a
+//! [`VmHandle`](crate::VmHandle)'s device-add and device-remove run there as jobs, so that
+//! all host-device work is done under one seccomp filter (`ThreadKind::HostDevices`)
+//! and the control socket's thread needs none of it.
 
 use std::collections::HashMap;
 use std::os::unix::io::AsRawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -108,8 +114,10 @@ impl FailoverPair {
     }
 }
 
+/// Host-device work another thread hands the worker, run under the devices' lock.
+pub type Job = Box<dyn FnOnce(&mut Passthrough) + Send>;
+
 /// What the worker is told.
-#[derive(Debug)]
 pub enum FailoverEvent {
     /// The guest's driver of this NIC negotiated STANDBY and started it.
     Standby(String),
@@ -119,19 +127,43 @@ pub enum FailoverEvent {
     WatchRequest(String, Arc<EventFd>),
     /// That device left the bus: stop watching it (and close the worker's end).
     Unwatch(String),
+    /// Run this (a device-add or device-remove) here.
+    Job(Job),
     Stop,
+}
+
+impl std::fmt::Debug for FailoverEvent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Standby(n) => write!(f, "Standby({n})"),
+            Self::VfReady(n) => write!(f, "VfReady({n})"),
+            Self::WatchRequest(n, _) => write!(f, "WatchRequest({n})"),
+            Self::Unwatch(n) => write!(f, "Unwatch({n})"),
+            Self::Job(_) => f.write_str("Job"),
+            Self::Stop => f.write_str("Stop"),
+        }
+    }
 }
 
 /// The worker's mailbox: a channel and an eventfd that wakes its poll.
 pub struct FailoverEvents {
     tx: Mutex<Sender<FailoverEvent>>,
     wake: EventFd,
+    /// The worker takes events: from its spawn until its loop ends.
+    running: AtomicBool,
 }
 
 impl FailoverEvents {
     pub fn new() -> std::io::Result<(Arc<Self>, Receiver<FailoverEvent>)> {
         let (tx, rx) = channel();
-        Ok((Arc::new(Self { tx: Mutex::new(tx), wake: EventFd::new(EFD_NONBLOCK)? }), rx))
+        let events = Self { tx: Mutex::new(tx), wake: EventFd::new(EFD_NONBLOCK)?, running: AtomicBool::new(false) };
+        Ok((Arc::new(events), rx))
+    }
+
+    /// Whether a worker takes the events sent now (a job sent while none does would wait
+    /// for one that may never come).
+    pub fn worker_running(&self) -> bool {
+        self.running.load(Acquire)
     }
 
     /// Never blocks: callable from a vCPU thread holding a device lock.
@@ -212,9 +244,20 @@ impl FailoverWorker {
             Some(LinkWatch::open().map_err(|e| std::io::Error::other(format!("watching the PFs' links: {e}")))?)
         };
         let wake = events.clone();
-        let kind = crate::seccomp::ThreadKind::Control;
-        let thread = crate::seccomp::spawn("failover", seccomp, kind, move || run(passthrough, wake, rx, watch, pfs))?;
-        Ok(Self { events, thread: Some(thread) })
+        let kind = crate::seccomp::ThreadKind::HostDevices;
+        events.running.store(true, Release);
+        let spawned = crate::seccomp::spawn("failover", seccomp, kind, move || {
+            let running = wake.clone();
+            run(passthrough, wake, rx, watch, pfs);
+            running.running.store(false, Release);
+        });
+        match spawned {
+            Ok(thread) => Ok(Self { events, thread: Some(thread) }),
+            Err(e) => {
+                events.running.store(false, Release);
+                Err(e)
+            }
+        }
     }
 }
 
@@ -283,6 +326,13 @@ fn run(
                 FailoverEvent::VfReady(vf) => lock().vf_ready(&vf),
                 FailoverEvent::WatchRequest(id, fd) => requests.push((id, fd)),
                 FailoverEvent::Unwatch(id) => requests.retain(|(r, _)| *r != id),
+                FailoverEvent::Job(job) => {
+                    // A bug in one request must not end the worker; its asker hears of it
+                    // (the job's answer channel closes).
+                    if catch_unwind(AssertUnwindSafe(|| job(&mut lock()))).is_err() {
+                        notices.warn(format_args!("a device-add or device-remove failed (see the log above)"));
+                    }
+                }
             }
         }
         for id in asked {

@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use crate::device_manager::{DeviceStats, DeviceSummary, Removal};
 use crate::exit::{ExitLatch, GuestExit};
-use crate::failover::Cause;
+use crate::failover::{Cause, FailoverEvent, FailoverEvents};
 use crate::passthrough::{removal_text, AddRequest, Passthrough, PlugError, Plugged};
 use crate::runner::RunError;
 use crate::vcpu::{ExitCounters, PauseGate};
@@ -31,6 +31,8 @@ pub struct VmHandle {
     pub(crate) kick: Arc<RwLock<Vec<KickTarget>>>,
     /// Gone once the VM has ended.
     pub(crate) passthrough: Weak<Mutex<Passthrough>>,
+    /// The host-device worker's mailbox: device-add and device-remove run there.
+    pub(crate) host_worker: Arc<FailoverEvents>,
     pub(crate) notices: Notices,
     pub(crate) cpus: u32,
     pub(crate) memory: u64,
@@ -139,6 +141,28 @@ impl VmHandle {
         Some(f(&mut guard))
     }
 
+    /// Runs `f` as [`with_passthrough`](Self::with_passthrough) does, but on the VM's
+    /// host-device worker while it runs: host-device work then happens under that
+    /// thread's seccomp filter, whichever thread asks for it.
+    fn on_host_worker<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Passthrough) -> T + Send + 'static,
+    ) -> Result<Option<T>, PlugError> {
+        if !self.host_worker.worker_running() {
+            return Ok(self.with_passthrough(f));
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {
+            let _ = tx.send(f(p));
+        })));
+        match rx.recv() {
+            Ok(answer) => Ok(Some(answer)),
+            // The job was dropped unrun (the VM ended first) or it panicked.
+            Err(_) if self.passthrough.strong_count() == 0 => Ok(None),
+            Err(_) => Err(PlugError::Failed("the host-device worker failed this request (see the log)".into())),
+        }
+    }
+
     fn summary(&self) -> Vec<DeviceSummary> {
         let devices = self.with_passthrough(|p| p.devices().clone());
         devices.map_or_else(Vec::new, |d| d.lock().unwrap_or_else(|e| e.into_inner()).summary())
@@ -240,7 +264,7 @@ impl VmHandle {
     /// Plugs a device into the running guest (ACPI PCI hot-plug): a new VF or host
     /// device, or a parked failover VF back.
     pub fn add_device(&self, request: AddRequest) -> Result<Plugged, PlugError> {
-        let plugged = self.with_passthrough(|p| p.add(request)).ok_or_else(ended)??;
+        let plugged = self.on_host_worker(|p| p.add(request))?.ok_or_else(ended)??;
         self.notices
             .info(format_args!("{}: added ({} at guest PCI 00:{:02x}.0)", plugged.id, plugged.bdf, plugged.slot));
         Ok(plugged)
@@ -249,7 +273,8 @@ impl VmHandle {
     /// Takes device `id` out of the running guest (the guest ejects it; after 10 s it is
     /// taken anyway). A failover VF is parked, any other host device goes back to the host.
     pub fn remove_device(&self, id: &str) -> Result<Removal, PlugError> {
-        let removal = self.with_passthrough(|p| p.remove(id, Cause::User)).ok_or_else(ended)??;
+        let owned = id.to_string();
+        let removal = self.on_host_worker(move |p| p.remove(&owned, Cause::User))?.ok_or_else(ended)??;
         self.notices.info(format_args!("{id}: removed ({})", removal_text(&removal)));
         Ok(removal)
     }

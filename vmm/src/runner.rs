@@ -178,6 +178,7 @@ impl Vm {
             counters: shared.counters.clone(),
             kick: kick.clone(),
             passthrough: Arc::downgrade(&passthrough),
+            host_worker: failover.events.clone(),
             notices,
             cpus,
             memory,

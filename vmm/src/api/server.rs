@@ -107,7 +107,7 @@ impl ApiServer {
         listener.set_nonblocking(true).map_err(cleanup)?;
         let stop = EventFd::new(EFD_NONBLOCK).map_err(cleanup)?;
         let stop_rx = stop.try_clone().map_err(cleanup)?;
-        let thread = crate::seccomp::spawn("api-server", seccomp, ThreadKind::Control, move || {
+        let thread = crate::seccomp::spawn("api-server", seccomp, ThreadKind::Api, move || {
             serve(&listener, &*control, &stop_rx, timeout)
         })
         .map_err(cleanup)?;
