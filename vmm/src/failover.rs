@@ -248,8 +248,11 @@ impl FailoverWorker {
         events.running.store(true, Release);
         let spawned = crate::seccomp::spawn("failover", seccomp, kind, move || {
             let running = wake.clone();
-            run(passthrough, wake, rx, watch, pfs);
+            run(passthrough, wake, &rx, watch, pfs);
+            // Before `rx` goes, and with it the jobs still queued: their askers then see
+            // the worker gone (the VM ending), not a failure.
             running.running.store(false, Release);
+            drop(rx);
         });
         match spawned {
             Ok(thread) => Ok(Self { events, thread: Some(thread) }),
@@ -273,7 +276,7 @@ impl Drop for FailoverWorker {
 fn run(
     passthrough: Arc<Mutex<Passthrough>>,
     events: Arc<FailoverEvents>,
-    rx: Receiver<FailoverEvent>,
+    rx: &Receiver<FailoverEvent>,
     mut watch: Option<LinkWatch>,
     pfs: HashMap<u32, String>,
 ) {

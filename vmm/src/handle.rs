@@ -158,7 +158,7 @@ impl VmHandle {
         match rx.recv() {
             Ok(answer) => Ok(Some(answer)),
             // The job was dropped unrun (the VM ended first) or it panicked.
-            Err(_) if self.passthrough.strong_count() == 0 => Ok(None),
+            Err(_) if !self.host_worker.worker_running() || self.passthrough.strong_count() == 0 => Ok(None),
             Err(_) => Err(PlugError::Failed("the host-device worker failed this request (see the log)".into())),
         }
     }

@@ -111,10 +111,11 @@ fn the_library_starts_a_vm_paused_resumes_it_steers_it_and_shuts_it_down() {
     assert_eq!(handle.counters().vm_exits.pio_unhandled, at_pause, "a paused guest ran");
     handle.resume().expect("resume");
 
-    // Device requests are typed errors that leave the VM running.
+    // Device requests (run on the VM's host-device thread) are typed errors that leave
+    // the VM running.
     assert!(matches!(handle.remove_device("nic9"), Err(PlugError::NotFound(_))));
     let bad = vmm::AddRequest::Parked("vf9".into());
-    assert!(handle.add_device(bad).is_err());
+    assert!(matches!(handle.add_device(bad), Err(PlugError::NotFound(_))));
     assert_eq!(handle.state(), VmState::Running);
 
     handle.shutdown();
@@ -123,6 +124,7 @@ fn the_library_starts_a_vm_paused_resumes_it_steers_it_and_shuts_it_down() {
     assert_eq!(handle.state(), VmState::Ended);
     assert!(matches!(handle.pause(), Err(RunError::Ended)));
     assert!(handle.info().devices.is_empty(), "a handle kept after the end answers, with nothing left");
+    assert!(matches!(handle.remove_device("nic9"), Err(PlugError::Conflict(m)) if m.contains("ended")));
 }
 
 #[test]
