@@ -142,14 +142,19 @@ impl VmHandle {
     }
 
     /// Runs `f` as [`with_passthrough`](Self::with_passthrough) does, but on the VM's
-    /// host-device worker while it runs: host-device work then happens under that
-    /// thread's seccomp filter, whichever thread asks for it.
+    /// host-device worker, which runs from `Vm::start` to the VM's end: host-device work
+    /// happens under that thread's seccomp filter, whichever thread asks for it.
     fn on_host_worker<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Passthrough) -> T + Send + 'static,
     ) -> Result<Option<T>, PlugError> {
         if !self.host_worker.worker_running() {
-            return Ok(self.with_passthrough(f));
+            if self.passthrough.strong_count() == 0 {
+                return Ok(None);
+            }
+            return Err(PlugError::Conflict(
+                "the VM has not started: give its devices in its config, or add them once it runs".into(),
+            ));
         }
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {

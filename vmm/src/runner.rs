@@ -49,6 +49,8 @@ pub enum RunError {
     AlreadyStarted,
     #[error("cannot read stdin for the serial console: {0}")]
     Stdin(#[source] std::io::Error),
+    #[error(transparent)]
+    Seccomp(#[from] crate::seccomp::SeccompError),
 }
 
 /// What the failover worker starts with (see [`crate::failover`]).
@@ -225,17 +227,8 @@ impl Vm {
     pub fn start(&mut self) -> Result<(), RunError> {
         let Pending { vcpus, stdin_to_serial, events, events_rx, pfs } =
             self.pending.take().ok_or(RunError::AlreadyStarted)?;
-        if let Some(passthrough) = &self.passthrough {
-            let worker = FailoverWorker::spawn(passthrough.clone(), events, events_rx, pfs, &self.shared.seccomp);
-            self.failover = Some(worker.map_err(RunError::Failover)?);
-        }
-        if stdin_to_serial {
-            let serial =
-                self.devices.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).serial().cloned());
-            if let Some(serial) = serial {
-                self.stdin = Some(StdinPump::start(serial, &self.shared.seccomp).map_err(RunError::Stdin)?);
-            }
-        }
+        // vCPU threads first, so that their filters go in while the others start; the
+        // worker takes what the guest posts before it runs from its queue.
         install_kick_handler().map_err(RunError::Signals)?;
         for vcpu in vcpus {
             let id = vcpu.id();
@@ -247,6 +240,19 @@ impl Vm {
                 .push(KickTarget { pthread: thread.pthread(), done: thread.done.clone() });
             self.vcpus.push(thread);
         }
+        if let Some(passthrough) = &self.passthrough {
+            let worker = FailoverWorker::spawn(passthrough.clone(), events, events_rx, pfs, &self.shared.seccomp);
+            self.failover = Some(worker.map_err(RunError::Failover)?);
+        }
+        if stdin_to_serial {
+            let serial =
+                self.devices.as_ref().and_then(|d| d.lock().unwrap_or_else(|e| e.into_inner()).serial().cloned());
+            if let Some(serial) = serial {
+                self.stdin = Some(StdinPump::start(serial, &self.shared.seccomp).map_err(RunError::Stdin)?);
+            }
+        }
+        // Every thread of the VM is started by now; each filtered itself meanwhile.
+        self.shared.seccomp.settle()?;
         Ok(())
     }
 

@@ -80,7 +80,9 @@ impl ApiServer {
         Self::start_with_timeout(path, control, REQUEST_TIMEOUT, &SeccompFilters::default())
     }
 
-    /// [`start`](Self::start), the server's thread filtered with `seccomp`.
+    /// [`start`](Self::start), the server's thread filtered with `seccomp`: it installs
+    /// the API filter before it serves anything; [`SeccompFilters::settle`] (which
+    /// [`Vm::start`](crate::Vm::start) calls) says whether it could.
     pub fn start_filtered(
         path: &Path,
         control: Arc<dyn VmControl>,
