@@ -13,6 +13,8 @@
 # Per binary, N runs (default 10) of:
 #   start_ms  exec -> the guest's 'K' in the serial file (KVM set-up, ELF load, ACPI, vCPU)
 #   rss_kib   VmRSS of tandem once the guest runs (64 MiB guest, touched only where written)
+#   anon_kib  its RssAnon: the memory private to this VMM (the rest of RSS is the pages of
+#             the binary and libraries it touched, shared by every tandem on the host)
 #   info_ms   200 `tandem ctl info` against the idle guest and against the hammering one:
 #             p50, p99 and max of the round trip (a process start each: the floor is ~1 ms)
 # Prints one line per binary and mode with medians over the runs, then the ratios.
@@ -68,7 +70,7 @@ elf "$WORK/hammer.elf" "${PRINT_K}\x66\xba\x34\x12\xec\xc6\x04\x25\x00\x00\x00\x
 now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
 us() { echo $(( $(date +%s%N) / 1000 )); }
 
-# one BIN MODE ELF EXTRA... : one run; prints "start_us rss_kib p50_us p99_us max_us".
+# one BIN MODE ELF EXTRA... : one run; prints "start_us rss_kib p50_us p99_us max_us anon_kib".
 exec {NAP}<> <(:)
 one() {
   local bin=$1 elf=$2; shift 2
@@ -87,7 +89,9 @@ one() {
   local start=$(( $(us) - t0 ))
   while [ ! -S "$sock" ]; do sleep 0.001; done
   sleep 0.2
-  local rss; rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+  local rss anon
+  rss=$(awk '/^VmRSS/ { print $2 }' "/proc/$pid/status")
+  anon=$(awk '/^RssAnon/ { print $2 }' "/proc/$pid/status")
   local lat=()
   for _ in $(seq 200); do
     local a; a=$(us)
@@ -97,7 +101,7 @@ one() {
   "$bin" ctl --api-socket "$sock" shutdown >/dev/null
   wait $pid || true
   local sorted; sorted=$(printf '%s\n' "${lat[@]}" | sort -n)
-  echo "$start $rss $(echo "$sorted" | sed -n 100p) $(echo "$sorted" | sed -n 198p) $(echo "$sorted" | tail -n1)"
+  echo "$start $rss $(echo "$sorted" | sed -n 100p) $(echo "$sorted" | sed -n 198p) $(echo "$sorted" | tail -n1) $anon"
 }
 
 declare -A RESULT
@@ -124,17 +128,17 @@ for cfg in now now-off base; do
         for (i = 2; i <= n; i++) for (j = i; j > 1 && v[j - 1] > v[j]; j--) { t = v[j]; v[j] = v[j - 1]; v[j - 1] = t }
         return v[int((n + 1) / 2)]
       }
-      NF { rows++; for (c = 1; c <= 5; c++) col[rows, c] = $c }
-      END { printf "%-8s %-6s start_ms=%.2f rss_kib=%d info_p50_ms=%.2f info_p99_ms=%.2f info_max_ms=%.2f\n",
-              cfg, mode, med(1) / 1000, med(2), med(3) / 1000, med(4) / 1000, med(5) / 1000 }'
+      NF { rows++; for (c = 1; c <= 6; c++) col[rows, c] = $c }
+      END { printf "%-8s %-6s start_ms=%.2f rss_kib=%d anon_kib=%d info_p50_ms=%.2f info_p99_ms=%.2f info_max_ms=%.2f\n",
+              cfg, mode, med(1) / 1000, med(2), med(6), med(3) / 1000, med(4) / 1000, med(5) / 1000 }'
   done
 done | tee "$WORK/result.txt"
 # Ratios of this checkout (seccomp on) to the baseline and to itself without seccomp.
 awk '{ for (i = 3; i <= NF; i++) { split($i, kv, "="); v[$1, $2, kv[1]] = kv[2] } }
   END { split("idle hammer", ms, " ")
         for (k = 1; k <= 2; k++) { m = ms[k]
-          printf "ratio %-6s now/base start=%.2f rss=%.2f info_p99=%.2f   now/now-off start=%.2f rss=%.2f info_p99=%.2f\n", m,
+          printf "ratio %-6s now/base start=%.2f rss=%.2f anon=%.2f info_p99=%.2f   now/now-off start=%.2f rss=%.2f anon=%.2f info_p99=%.2f\n", m,
             v["now", m, "start_ms"] / v["base", m, "start_ms"], v["now", m, "rss_kib"] / v["base", m, "rss_kib"],
-            v["now", m, "info_p99_ms"] / v["base", m, "info_p99_ms"],
+            v["now", m, "anon_kib"] / v["base", m, "anon_kib"], v["now", m, "info_p99_ms"] / v["base", m, "info_p99_ms"],
             v["now", m, "start_ms"] / v["now-off", m, "start_ms"], v["now", m, "rss_kib"] / v["now-off", m, "rss_kib"],
-            v["now", m, "info_p99_ms"] / v["now-off", m, "info_p99_ms"] } }' "$WORK/result.txt"
+            v["now", m, "anon_kib"] / v["now-off", m, "anon_kib"], v["now", m, "info_p99_ms"] / v["now-off", m, "info_p99_ms"] } }' "$WORK/result.txt"
