@@ -1,5 +1,5 @@
-//! Faults, in the nested bed: tandem stopped by SIGINT mid-boot and by SIGTERM and SIGKILL
-//! mid-traffic takes its tap with it; a guest that triple-faults or panics ends tandem with status 1
+//! Faults, in the nested bed: tandem stopped by SIGINT, SIGTERM or SIGKILL, mid-boot or
+//! mid-traffic, takes its tap with it; a guest that triple-faults or panics ends tandem with status 1
 //! and the reason; disks that fill up or shrink under the guest give it I/O errors while
 //! the VMM lives; a tap deleted under a running NIC leaves the device loop idle.
 
@@ -23,20 +23,25 @@ fn number(line: &str, key: &str) -> u64 {
     kv(line, key).and_then(|v| v.trim_end_matches(',').parse().ok()).unwrap_or_else(|| panic!("no {key}= in {line:?}"))
 }
 
+/// The signals of the fault matrix, with tandem's exit status for each.
+const SIGNALS: [(&str, &str); 3] = [("INT", "130"), ("TERM", "143"), ("KILL", "137")];
+
 #[test]
-fn sigint_mid_boot_ends_tandem_with_130_and_its_tap_goes() {
+fn sigint_sigterm_and_sigkill_mid_boot_end_tandem_and_its_tap_goes() {
     let bed = bed();
-    let before = l1(bed, "L1-FAULT-INT-BEFORE");
-    assert_eq!(kv(before, "tap"), Some("left"), "tandem had not made its tap yet: {before}");
-    assert_eq!(kv(before, "booted"), Some("0"), "the guest had finished booting: not mid-boot: {before}");
-    let after = l1(bed, "L1-FAULT-INT ");
-    assert_eq!((kv(after, "rc"), kv(after, "tap")), (Some("130"), Some("gone")), "{after}");
+    for (sig, rc) in SIGNALS {
+        let before = l1(bed, &format!("L1-FAULT-boot_{sig}-BEFORE"));
+        assert_eq!(kv(before, "tap"), Some("left"), "tandem had not made its tap yet: {before}");
+        assert_eq!(kv(before, "booted"), Some("0"), "the guest had finished booting: not mid-boot: {before}");
+        let after = l1(bed, &format!("L1-FAULT-boot_{sig} "));
+        assert_eq!((kv(after, "rc"), kv(after, "tap")), (Some(rc), Some("gone")), "{after}");
+    }
 }
 
 #[test]
-fn sigterm_and_sigkill_mid_traffic_leave_no_tap_and_nothing_to_clean_up() {
+fn sigint_sigterm_and_sigkill_mid_traffic_leave_no_tap_and_nothing_to_clean_up() {
     let bed = bed();
-    for (sig, rc) in [("TERM", "143"), ("KILL", "137")] {
+    for (sig, rc) in SIGNALS {
         let traffic = l1(bed, &format!("L1-FAULT-{sig}-TRAFFIC"));
         assert!(number(traffic, "rx_bytes") > 100_000, "no traffic when the signal came: {traffic}");
         let after = l1(bed, &format!("L1-FAULT-{sig} "));

@@ -1,7 +1,7 @@
 //! SR-IOV VF passthrough with VFIO, in the nested bed with an emulated Intel IOMMU and an igb
 //! NIC (run-l1.sh --iommu --igb): L2 gets a VF with its own MSI-X and MAC and moves traffic
-//! over it; the VF goes back to the host exactly as it was after a poweroff, after SIGTERM
-//! mid-traffic, after SIGINT mid-boot, and after SIGKILL mid-traffic plus `tandem cleanup`;
+//! over it; the VF goes back to the host exactly as it was after a poweroff, and after
+//! SIGTERM, SIGINT and SIGKILL plus `tandem cleanup`, each mid-boot and mid-traffic;
 //! devices VFIO cannot isolate, and hosts without interrupt remapping, are refused with a
 //! message that says what to do.
 //!
@@ -89,38 +89,49 @@ fn mid_traffic(during: &str) {
     assert!(rx.is_some_and(|n| n >= 10), "no traffic over the VF when the signal came: {during}");
 }
 
-#[test]
-fn a_vf_is_given_back_when_tandem_is_stopped_by_sigterm_mid_traffic() {
+/// The signals of the fault matrix, with tandem's exit status for each.
+const SIGNALS: [(&str, i32); 3] = [("TERM", 128 + 15), ("INT", 128 + 2), ("KILL", 128 + 9)];
+
+/// Run `<phase>_<sig>` of vfio.sh (the n-th of the matrix, MAC 02:00:00:00:aa:<05 + n>):
+/// while it ran the VF was on vfio-pci with the MAC asked for; SIGTERM and SIGINT give the
+/// VF back as the host had it, SIGKILL leaves it to `tandem cleanup`, which gives it back.
+fn vf_given_back_after_each_signal(phase: &str, first: usize, during_check: impl Fn(&str, &str)) {
     let bed = bed();
-    let run = bed.run("term");
-    assert_eq!(run.rc, Some(128 + 15), "console:\n{}", run.console());
-    assert_eq!(kv(run.line("L2-VF-UP"), "mac"), Some("02:00:00:00:aa:04"));
-    mid_traffic(l1(bed, "L1-DURING-TERM"));
-    assert_eq!(vf(l1(bed, "L1-AFTER-TERM")), vf(l1(bed, "L1-HOST-VF")));
+    let host = vf(l1(bed, "L1-HOST-VF"));
+    for (i, (sig, status)) in SIGNALS.iter().enumerate() {
+        let r = format!("{phase}_{sig}");
+        let run = bed.run(&r);
+        assert_eq!(run.rc, Some(*status), "{r}: console:\n{}", run.console());
+        let during = l1(bed, &format!("L1-DURING-{r} "));
+        let mac = format!("02:00:00:00:aa:{:02x}", first + i);
+        assert_eq!((vf(during).1, vf(during).2), ("vfio-pci", mac.as_str()), "{r}: while the guest ran");
+        during_check(&r, during);
+        let after = vf(l1(bed, &format!("L1-AFTER-{r} ")));
+        if *sig == "KILL" {
+            assert_eq!(after.1, "vfio-pci", "{r}: nothing of tandem runs after SIGKILL");
+            let cleanup = l1(bed, &format!("L1-CLEANUP-{r} "));
+            assert!(cleanup.contains("restored vf0"), "{r}: {cleanup}");
+            assert_eq!(vf(l1(bed, &format!("L1-AFTER-CLEANUP-{r} "))), host, "{r}: after cleanup");
+        } else {
+            assert_eq!(after, host, "{r}: after tandem ended");
+        }
+    }
 }
 
 #[test]
-fn a_vf_is_given_back_when_tandem_is_stopped_by_sigint_mid_boot() {
-    let bed = bed();
-    let run = bed.run("int");
-    assert_eq!(run.rc, Some(128 + 2), "console:\n{}", run.console());
-    let during = vf(l1(bed, "L1-DURING-INT"));
-    assert_eq!((during.1, during.2), ("vfio-pci", "02:00:00:00:aa:05"), "while the guest booted");
-    assert!(!run.console().contains("TANDEM-L2-INIT"), "the guest had booted already:\n{}", run.console());
-    assert_eq!(vf(l1(bed, "L1-AFTER-INT")), vf(l1(bed, "L1-HOST-VF")));
+fn a_vf_is_given_back_after_sigterm_sigint_and_sigkill_plus_cleanup_mid_boot() {
+    vf_given_back_after_each_signal("boot", 5, |r, _| {
+        let run = bed().run(r);
+        assert!(!run.console().contains("TANDEM-L2-INIT"), "{r}: the guest had booted already:\n{}", run.console());
+    });
 }
 
 #[test]
-fn a_vf_killed_with_tandem_mid_traffic_is_restored_by_cleanup() {
-    let bed = bed();
-    let before = vf(l1(bed, "L1-HOST-VF"));
-    mid_traffic(l1(bed, "L1-DURING-KILLED"));
-    let during = vf(l1(bed, "L1-DURING-KILLED"));
-    assert_eq!((during.1, during.2), ("vfio-pci", "02:00:00:00:aa:03"), "while the guest ran");
-    assert_eq!(bed.run("killed").rc, Some(137), "tandem was SIGKILLed");
-    assert_eq!(vf(l1(bed, "L1-AFTER-KILL")).1, "vfio-pci", "nothing runs after SIGKILL");
-    assert!(l1(bed, "L1-CLEANUP").contains("restored vf0"), "{}", l1(bed, "L1-CLEANUP"));
-    assert_eq!(vf(l1(bed, "L1-AFTER-CLEANUP")), before);
+fn a_vf_is_given_back_after_sigterm_sigint_and_sigkill_plus_cleanup_mid_traffic() {
+    vf_given_back_after_each_signal("traffic", 8, |r, during| {
+        assert_eq!(kv(bed().run(r).line("L2-VF-UP"), "mac"), Some(kv(during, "mac").unwrap_or("?")), "{r}");
+        mid_traffic(during);
+    });
 }
 
 #[test]

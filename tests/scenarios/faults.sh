@@ -1,21 +1,24 @@
-# L1 scenario for tests/bed_faults.rs: tandem stopped by signals mid-boot and mid-traffic,
-# a guest that triple-faults or panics, disks that fill up or shrink under the guest, and a tap
-# deleted under a running NIC. The taps of the signal runs are tandem's own (created by
+# L1 scenario for tests/bed_faults.rs: tandem stopped by SIGINT, SIGTERM and SIGKILL, each
+# mid-boot and mid-traffic, a guest that triple-faults or panics, disks that fill up or
+# shrink under the guest, and a tap deleted under a running NIC. The taps of the signal runs are tandem's own (created by
 # it, so they must go with it).
 . /lib/bed.sh
 SOCK=/tmp/faults.sock
 tap_state() { $IPROUTE link show "$1" > /dev/null 2>&1 && echo left || echo gone; }
 
-# 1. SIGINT while the guest kernel boots.
-run_bg int $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
-  --net tap=tfint,id=nic0 --cmdline "$L2_CMDLINE"
-sleep 1
-echo "L1-FAULT-INT-BEFORE tap=$(tap_state tfint) booted=$(run_console int | grep -c TANDEM-L2-INIT)"
-run_signal int INT
-run_end int
-echo "L1-FAULT-INT rc=$(cat /tmp/run-int.rc) tap=$(tap_state tfint)"
+# 1. SIGINT, SIGTERM and SIGKILL while the guest kernel boots.
+for sig in INT TERM KILL; do
+  r=boot_$sig tap=tfb$sig
+  run_bg $r $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
+    --net tap=$tap,id=nic0 --cmdline "$L2_CMDLINE"
+  sleep 1
+  echo "L1-FAULT-$r-BEFORE tap=$(tap_state $tap) booted=$(run_console $r | grep -c TANDEM-L2-INIT)"
+  run_signal $r $sig
+  run_end $r
+  echo "L1-FAULT-$r rc=$(cat /tmp/run-$r.rc) tap=$(tap_state $tap)"
+done
 
-# 2. SIGTERM and SIGKILL while the guest streams TCP to L1 over tandem's tap.
+# 2. SIGINT, SIGTERM and SIGKILL while the guest streams TCP to L1 over tandem's tap.
 cat > /tmp/send.sh <<'L2'
 l2_net_up 10.79.2.2/24
 echo "L2-FAULT-SENDING"
@@ -23,7 +26,7 @@ tcp_send 10.79.2.1 5003 1 1000000000
 echo "L2-FAULT-SEND-ENDED"
 L2
 mkscript_disk /tmp/send.img /tmp/send.sh
-for sig in TERM KILL; do
+for sig in INT TERM KILL; do
   tap=tf$sig
   run_bg "$sig" $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD_TOOLS --memory 256M \
     --net "tap=$tap,id=nic0" --disk path=/tmp/send.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"

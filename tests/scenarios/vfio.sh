@@ -27,8 +27,8 @@ echo "L1-AFTER-CREATE $(vf_state "$PF" 0)"
 ls /run/tandem/vf/ 2>/dev/null | sed 's/^/L1-JOURNAL-LEFT /'
 
 # 2. VFs the host made (autoprobe on, VF 0 on igbvf): Tandem borrows VF 0 and gives it back
-#    on igbvf with its original MAC, after a clean poweroff, after SIGTERM and SIGKILL +
-#    cleanup mid-traffic, and after SIGINT mid-boot.
+#    on igbvf with its original MAC, after a clean poweroff, and after SIGTERM, SIGINT and
+#    SIGKILL + cleanup, each mid-boot and mid-traffic.
 PFD=/sys/class/net/$PF/device
 echo 0 > $PFD/sriov_drivers_autoprobe    # igbvf probing mid PF re-init never recovers
 echo 2 > $PFD/sriov_numvfs
@@ -61,31 +61,32 @@ pf_traffic() {
   _a=$(cat /sys/class/net/$PF/statistics/rx_packets); sleep 1; _b=$(cat /sys/class/net/$PF/statistics/rx_packets)
   echo "L1-DURING-$1 pf_rx=$((_b - _a)) $(vf_state "$PF" 0)"
 }
-run_bg term $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
-  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:04,id=vf0" \
-  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-run_wait_for term "L2-VF-UP" 300 && pf_traffic TERM && run_signal term TERM
-run_end term
-echo "L1-AFTER-TERM $(vf_state "$PF" 0)"
-
-# SIGINT while the guest kernel boots: the VF is leased and mapped, no driver has it yet.
-run_bg int $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
-  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:05,id=vf0" \
-  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-run_wait_for int "mapped for DMA" 60 && sleep 0.5 && echo "L1-DURING-INT $(vf_state "$PF" 0)"
-run_signal int INT
-run_end int
-echo "L1-AFTER-INT $(vf_state "$PF" 0)"
-
-run_bg killed $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
-  --vf "pf=$PF,index=0,mac=02:00:00:00:aa:03,id=vf0" \
-  --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
-run_wait_for killed "L2-VF-UP" 300 && pf_traffic KILLED
-run_signal killed KILL
-run_end killed
-echo "L1-AFTER-KILL $(vf_state "$PF" 0)"
-$TANDEM cleanup 2>&1 | sed 's/^/L1-CLEANUP /'
-echo "L1-AFTER-CLEANUP $(vf_state "$PF" 0)"
+# Each signal at both moments, each run with its MAC (the VF's state during a run shows it):
+#   boot_<sig>     while the guest kernel boots: the VF is leased and mapped, no driver has it
+#   traffic_<sig>  while the guest pings over the VF
+# after SIGKILL nothing of tandem runs: `tandem cleanup` gives the VF back.
+n=5
+for phase in boot traffic; do
+  for sig in TERM INT KILL; do
+    r=${phase}_$sig
+    run_bg $r $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+      --vf "pf=$PF,index=0,mac=02:00:00:00:aa:$(printf %02x $n),id=vf0" \
+      --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+    n=$((n + 1))
+    if [ $phase = boot ]; then
+      run_wait_for $r "mapped for DMA" 60 && sleep 0.5 && echo "L1-DURING-$r $(vf_state "$PF" 0)"
+    else
+      run_wait_for $r "L2-VF-UP" 300 && pf_traffic $r
+    fi
+    run_signal $r $sig
+    run_end $r
+    echo "L1-AFTER-$r $(vf_state "$PF" 0)"
+    if [ $sig = KILL ]; then
+      $TANDEM cleanup 2>&1 | sed "s/^/L1-CLEANUP-$r /"
+      echo "L1-AFTER-CLEANUP-$r $(vf_state "$PF" 0)"
+    fi
+  done
+done
 
 # 3. --device on one of the two e1000e functions that share an IOMMU group (run-l1.sh):
 #    refused, naming the other one and its driver; nothing on the host changes.
