@@ -8,6 +8,7 @@
 #                                  the reference L2 VMM to validate the images with
 #   /bin/bootmeter                 resources/bed/bootmeter.c, built static here
 #   /bin/qmpc                      resources/bed/qmpc.c (a QMP client for QEMU 7.2), built static here
+#   /bin/dmapin                    resources/bed/dmapin.c (the kernel's DMA pinning speed), built static here
 #   /l2/initrd-tools.gz            the L2 initramfs with iperf3 and blkbench (network/disk tests)
 #   /bin/blkbench                  resources/guest/blkbench.c (built by guest/build-l2.sh)
 #   /usr/bin/iperf3                Debian 12's, with its libraries (the L1 end of net tests)
@@ -39,6 +40,7 @@ FIRMWARE="bios-256k.bin kvmvapic.bin linuxboot_dma.bin pvh.bin qboot.rom bios-mi
 OUT=$CACHE/l1-base.cpio.gz
 BM=$CACHE/bootmeter
 QMPC=$CACHE/qmpc
+DMAPIN=$CACHE/dmapin
 need_cmd gcc
 [ -x "$QEMU72" ] || die "$QEMU72 is missing: run resources/setup-host.sh (installs qemu-system-x86)"
 [ -f "$CACHE/l2-initrd.cpio.gz" ] && [ -f "$CACHE/l2-initrd-tools.cpio.gz" ] && [ -x "$CACHE/blkbench" ] \
@@ -55,10 +57,14 @@ if ! up_to_date "$QMPC" "$RES/bed/qmpc.c"; then
   gcc -static -O2 -Wall -o "$QMPC" "$RES/bed/qmpc.c" \
     || die "building qmpc failed: is libc6-dev installed (resources/setup-host.sh)?"
 fi
+if ! up_to_date "$DMAPIN" "$RES/bed/dmapin.c"; then
+  gcc -static -O2 -Wall -o "$DMAPIN" "$RES/bed/dmapin.c" \
+    || die "building dmapin failed: is libc6-dev installed (resources/setup-host.sh)?"
+fi
 
 STAMP=$CACHE/.l1-modules
 if up_to_date "$OUT" "$0" "$RES/bed/init.sh" "$RES/bed/lib.sh" "$RES/guest/script-lib.sh" \
-     "$RES/lib" "$BM" "$QMPC" "$CACHE/l2-initrd.cpio.gz" "$CACHE/l2-initrd-tools.cpio.gz" "$CACHE/blkbench" \
+     "$RES/lib" "$BM" "$QMPC" "$DMAPIN" "$CACHE/l2-initrd.cpio.gz" "$CACHE/l2-initrd-tools.cpio.gz" "$CACHE/blkbench" \
      "$CACHE/.guest-ok" "$QEMU72" "$IPERF" "$IPROUTE" && [ "$(cat "$STAMP" 2>/dev/null)" = "$L1_MODULES" ]; then
   say "L1 base initramfs up to date: $OUT"
   exit 0
@@ -70,6 +76,7 @@ args=(--modules "$L1_MODULES"
       --file "$CACHE/l2-initrd-tools.cpio.gz:/l2/initrd-tools.gz"
       --file "$BM:/bin/bootmeter"
       --file "$QMPC:/bin/qmpc"
+      --file "$DMAPIN:/bin/dmapin"
       --file "$CACHE/blkbench:/bin/blkbench"
       --file "$RES/bed/lib.sh:/lib/bed.sh"
       --file "$RES/guest/script-lib.sh:/lib/l2-script-lib.sh"

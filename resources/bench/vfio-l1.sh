@@ -13,6 +13,10 @@
 # of the first two alternating. Output, one line per round and VMM (rc: the run's status):
 #   BENCH vmm=tandem run=<i> probe_ms=<ms> attach_ms=<ms> dma_gib_s=<x> dma_huge_gib_s=<x> huge_probe_ms=<ms> rc=<n>
 #   BENCH vmm=qemu run=<i> probe_ms=<ms> rc=<n>
+#   BENCH vmm=kernel run=<i> pin_gib_s=<x> pin_huge_gib_s=<x> rc=<n>
+# The last is the baseline of the DMA figures: dmapin (resources/bed/dmapin.c) maps as much
+# fresh memory for the same VF with one VFIO_IOMMU_MAP_DMA and nothing else, i.e. the
+# pinning speed of L1's kernel.
 . /lib/bed.sh
 . /lib/bench-l1.sh
 bench_settings
@@ -52,6 +56,16 @@ qemu_run() {  # sets q_probe q_rc
   echo > /sys/bus/pci/devices/$VF/driver_override
 }
 
+kernel_run() {  # sets k_pin k_huge k_rc
+  echo vfio-pci > /sys/bus/pci/devices/$VF/driver_override
+  echo "$VF" > /sys/bus/pci/drivers_probe
+  _a=$(dmapin "$VF" 512); k_rc=$?
+  _b=$(dmapin "$VF" 512 huge); k_rc=$((k_rc + $?))
+  k_pin=$(kv gib_s $_a); k_huge=$(kv gib_s $_b)
+  echo "$VF" > /sys/bus/pci/devices/$VF/driver/unbind
+  echo > /sys/bus/pci/devices/$VF/driver_override
+}
+
 tandem_run 512M; qemu_run   # warm-up, not counted
 i=1
 while [ "$i" -le "$runs" ]; do
@@ -60,6 +74,8 @@ while [ "$i" -le "$runs" ]; do
   tandem_run size=512M,hugepages=on
   echo "BENCH vmm=tandem run=$i probe_ms=${tp:-0} attach_ms=${ta:-0} dma_gib_s=${td:-0} dma_huge_gib_s=${t_dma:-0} huge_probe_ms=${t_probe:-0} rc=$((trc + t_rc))"
   echo "BENCH vmm=qemu run=$i probe_ms=${q_probe:-0} rc=${q_rc:-1}"
+  kernel_run
+  echo "BENCH vmm=kernel run=$i pin_gib_s=${k_pin:-0} pin_huge_gib_s=${k_huge:-0} rc=$k_rc"
   i=$((i + 1))
 done
 echo 0 > /proc/sys/vm/nr_hugepages

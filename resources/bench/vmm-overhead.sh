@@ -67,8 +67,9 @@ elf "$WORK/idle.elf" "${PRINT_K}\xf4\xeb\xfd" 10
 # hammer: mov dx,0x1234; in al,dx; mov byte [0x10000000],0x5a; jmp back to the mov dx
 elf "$WORK/hammer.elf" "${PRINT_K}\x66\xba\x34\x12\xec\xc6\x04\x25\x00\x00\x00\x10\x5a\xeb\xf1" 22
 
-now_ms() { echo $(( $(date +%s%N) / 1000000 )); }
-us() { echo $(( $(date +%s%N) / 1000 )); }
+# Microseconds from bash's own clock: $(date) would fork a process (~1 ms) inside each
+# measurement.
+us() { REPLY=${EPOCHREALTIME/./}; }
 
 # one BIN MODE ELF EXTRA... : one run; prints "start_us rss_kib p50_us p99_us max_us anon_kib".
 exec {NAP}<> <(:)
@@ -76,7 +77,7 @@ one() {
   local bin=$1 elf=$2; shift 2
   local sock=$WORK/api.sock log=$WORK/serial.log
   rm -f "$sock" "$log"
-  local t0; t0=$(us)
+  local t0; us; t0=$REPLY
   "$bin" --kernel "$elf" --memory 64M --serial "file=$log" --api-socket "$sock" "$@" 2>"$WORK/stderr" &
   local pid=$!
   local i=0
@@ -86,7 +87,7 @@ one() {
     read -r -t 0.0001 -u "$NAP" _ || true; i=$((i + 1))
     [ $i -lt 50000 ] || { kill $pid; die "$bin never started its guest: $(cat "$WORK/stderr")"; }
   done
-  local start=$(( $(us) - t0 ))
+  us; local start=$(( REPLY - t0 ))
   while [ ! -S "$sock" ]; do sleep 0.001; done
   sleep 0.2
   local rss anon
@@ -94,9 +95,9 @@ one() {
   anon=$(awk '/^RssAnon/ { print $2 }' "/proc/$pid/status")
   local lat=()
   for _ in $(seq 200); do
-    local a; a=$(us)
+    local a; us; a=$REPLY
     "$bin" ctl --api-socket "$sock" info >/dev/null
-    lat+=($(( $(us) - a )))
+    us; lat+=($(( REPLY - a )))
   done
   "$bin" ctl --api-socket "$sock" shutdown >/dev/null
   wait $pid || true
