@@ -14,7 +14,7 @@ use std::sync::OnceLock;
 use tandem_tests::{kv, repo_root, run_bed, BedLog, BedOptions};
 
 fn options(append: &str) -> BedOptions {
-    BedOptions { mem_mib: 3072, iommu: true, igb: true, timeout_s: 900, append: append.into(), ..Default::default() }
+    BedOptions { mem_mib: 3072, iommu: true, igb: true, timeout_s: 1200, append: append.into(), ..Default::default() }
 }
 
 /// Interrupt remapping on (the emulated IOMMU's default).

@@ -50,8 +50,15 @@
 #                                   (grep, not -E); rc 1 if the run ended first or on timeout
 #   run_ended NAME                  rc 0 once the run's command has exited
 #   run_signal NAME [SIG]           sends SIG (default TERM) to the run's command
-#   run_end NAME                    waits for it, prints RUN-BEGIN, its output, RUN-END;
-#                                   returns its status
+#   run_end NAME [SHOWN]            waits for it, prints RUN-BEGIN, its output, RUN-END
+#                                   (under the name SHOWN if given); returns its status
+#   run_vm NAME ARGS...             run_tandem for a guest that ends by itself (its command
+#                                   line with $L2_NMI_DUMP): tandem ARGS --api-socket in the
+#                                   background; a guest still running after $VM_STUCK_SECS
+#                                   (default 240) is diagnosed (vm_stuck_report, vm_bed_fault)
+#                                   and, when that shows the bed's own fault, run again once.
+#                                   A faulted attempt is printed as run NAME~fault, the last
+#                                   as NAME; returns tandem's status in the last
 #   run_console NAME [all]          the run's output so far, tandem's own messages taken out
 #                                   of the guest lines they landed in, without a last line
 #                                   still being written unless "all" (see below)
@@ -235,10 +242,40 @@ run_end() {
   wait "$(cat "/tmp/run-$_n.job")" 2>/dev/null
   until run_ended "$_n"; do sleep 0.2; done
   _rc=$(cat "/tmp/run-$_n.rc")
-  echo "RUN-BEGIN $_n"
+  echo "RUN-BEGIN ${2:-$_n}"
   run_console "$_n" all
-  echo "RUN-END $_n rc=$_rc"
+  echo "RUN-END ${2:-$_n} rc=$_rc"
   return "$_rc"
+}
+
+# The bed's own fault (an interrupt L2 takes with interrupts disabled; see vm_bed_fault)
+# stops a guest anywhere, at any time: a run that would then only time out is asked
+# where its guest is, and made again when the answer is the bed's fault. A guest stuck
+# for any other reason is not made again: the NMI's panic ends its run, stacks on its
+# console, and the test that reads it fails.
+run_vm() {
+  _rvn=$1; shift
+  _rvtry=1
+  while :; do
+    rm -f "/tmp/$_rvn.sock"
+    run_bg "$_rvn" "$TANDEM" "$@" --api-socket "/tmp/$_rvn.sock"
+    _rvw=0
+    until run_ended "$_rvn" || [ $_rvw -ge $((${VM_STUCK_SECS:-240} * 5)) ]; do sleep 0.2; _rvw=$((_rvw + 1)); done
+    run_ended "$_rvn" && { run_end "$_rvn"; return; }
+    echo "L1-RUN-STUCK $_rvn attempt=$_rvtry after=${VM_STUCK_SECS:-240}s"
+    vm_stuck_report "$_rvn" "/tmp/$_rvn.sock"
+    _rvfault=1
+    vm_bed_fault "$_rvn" "/tmp/$_rvn.sock" && _rvfault=0
+    # The NMI's panic ends the run; SIGTERM in case it did not (tandem gives devices back).
+    run_ended "$_rvn" || { sleep 5; run_ended "$_rvn" || run_signal "$_rvn" TERM; }
+    if [ $_rvfault = 0 ] && [ $_rvtry -lt 2 ]; then
+      run_end "$_rvn" "$_rvn~fault"
+      _rvtry=$((_rvtry + 1))
+      continue
+    fi
+    run_end "$_rvn"
+    return
+  done
 }
 
 # vm_stuck_report NAME [SOCKET] : when a run's guest stopped answering, what its VMM's

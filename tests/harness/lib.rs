@@ -133,6 +133,11 @@ pub fn run_bed(name: &str, scenario: &Path, opts: &BedOptions) -> BedLog {
     }
     drop(one);
     let bed = BedLog { text: read(&log), path: log };
+    // Runs the scenario made again after the bed's fault (run_vm in resources/bed/lib.sh),
+    // seen in every run's log like the retries above.
+    for l in bed.text.lines().filter(|l| l.starts_with("L1-RUN-STUCK") || l.starts_with("L1-BED-FAULT")) {
+        let _ = writeln!(std::io::stderr(), "[harness] bed {name}: {l}");
+    }
     assert!(status.success(), "the L1 bed exited with {status}; log {}:\n{}", bed.path.display(), bed.tail(60));
     assert!(bed.text.contains("L1-INIT-OK"), "L1 never reached its init; log:\n{}", bed.tail(60));
     assert!(

@@ -12,7 +12,7 @@ run_tandem refused --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
 echo "L1-AFTER-REFUSED $(vf_state "$PF" 0)"
 
 echo 1 > /sys/module/vfio_iommu_type1/parameters/allow_unsafe_interrupts
-run_tandem unsafe --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+run_vm unsafe --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --vf "pf=$PF,index=0,mac=02:00:00:00:bb:02,create=on" \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
 echo "L1-AFTER-UNSAFE $(vf_state "$PF" 0)"

@@ -20,9 +20,9 @@ L2
 mkscript_disk /tmp/script.img /tmp/l2.sh
 
 # 1. create=on: Tandem makes the VFs, sets the MAC, binds vfio-pci; all undone at exit.
-run_tandem create --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+run_vm create --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
   --vf "pf=$PF,index=0,mac=02:00:00:00:aa:01,create=on,id=vf0" \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
 echo "L1-AFTER-CREATE $(vf_state "$PF" 0)"
 ls /run/tandem/vf/ 2>/dev/null | sed 's/^/L1-JOURNAL-LEFT /'
 
@@ -40,9 +40,9 @@ echo "L1-HOST-VF $(vf_state "$PF" 0)"
 # This run's RAM is 2 MiB huge pages (pinned for DMA a huge page at a time).
 echo 256 > /proc/sys/vm/nr_hugepages
 echo "L1-HUGEPAGES free=$(cat /sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages)"
-run_tandem borrow --kernel $L2_KERNEL --initramfs $L2_INITRD --memory size=512M,hugepages=on \
+run_vm borrow --kernel $L2_KERNEL --initramfs $L2_INITRD --memory size=512M,hugepages=on \
   --vf "pf=$PF,index=0,mac=02:00:00:00:aa:02,id=vf0" \
-  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  --disk path=/tmp/script.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
 echo "L1-AFTER-BORROW $(vf_state "$PF" 0)"
 echo 0 > /proc/sys/vm/nr_hugepages
 
@@ -69,15 +69,27 @@ n=5
 for phase in boot traffic; do
   for sig in TERM INT KILL; do
     r=${phase}_$sig
-    run_bg $r $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
-      --vf "pf=$PF,index=0,mac=02:00:00:00:aa:$(printf %02x $n),id=vf0" \
-      --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+    try=1
+    # A guest the bed's fault stopped before its traffic began is made again (see run_vm).
+    while :; do
+      rm -f /tmp/$r.sock
+      run_bg $r $TANDEM --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 512M \
+        --vf "pf=$PF,index=0,mac=02:00:00:00:aa:$(printf %02x $n),id=vf0" --api-socket /tmp/$r.sock \
+        --disk path=/tmp/hold.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
+      if [ $phase = boot ]; then
+        run_wait_for $r "mapped for DMA" 60 && sleep 0.5 && echo "L1-DURING-$r $(vf_state "$PF" 0)"
+        break
+      fi
+      run_wait_for $r "L2-VF-UP" 240 && { pf_traffic $r; break; }
+      [ $try = 1 ] && ! run_ended $r || break
+      echo "L1-RUN-STUCK $r attempt=$try"
+      vm_stuck_report $r /tmp/$r.sock
+      vm_bed_fault $r /tmp/$r.sock || break
+      run_ended $r || { sleep 5; run_ended $r || run_signal $r TERM; }
+      run_end $r "$r~fault"
+      try=2
+    done
     n=$((n + 1))
-    if [ $phase = boot ]; then
-      run_wait_for $r "mapped for DMA" 60 && sleep 0.5 && echo "L1-DURING-$r $(vf_state "$PF" 0)"
-    else
-      run_wait_for $r "L2-VF-UP" 300 && pf_traffic $r
-    fi
     run_signal $r $sig
     run_end $r
     echo "L1-AFTER-$r $(vf_state "$PF" 0)"
@@ -124,7 +136,7 @@ echo "L2-INTX before=$before after=$after"
 grep uio_pci_generic /proc/interrupts | tr -s ' ' | sed 's/^/L2-IRQ /'
 L2
 mkscript_disk /tmp/edu.img /tmp/edu.sh
-run_tandem intx --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
+run_vm intx --kernel $L2_KERNEL --initramfs $L2_INITRD --memory 256M \
   --device "path=/sys/bus/pci/devices/$EDU,id=edu" \
-  --disk path=/tmp/edu.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE"
+  --disk path=/tmp/edu.img,readonly=on,id=script --cmdline "$L2_SCRIPT_CMDLINE $L2_NMI_DUMP"
 echo "L1-AFTER-INTX driver=$(basename "$(readlink /sys/bus/pci/devices/$EDU/driver 2>/dev/null)" 2>/dev/null)"
