@@ -143,8 +143,12 @@ impl ThreadKind {
 /// trims a thread's arena with mprotect and madvise), locks and channels (futex;
 /// sched_yield when a std channel is contended), the clock where the vDSO cannot read it,
 /// eventfd writes and closing fds, and the end of the thread (sigaltstack and
-/// rt_sigprocmask tear down what std set up for it).
+/// rt_sigprocmask tear down what std set up for it). And restart_syscall: a process
+/// stopped (SIGSTOP, ^Z, a debugger, a cgroup freezer) and continued resumes each
+/// thread's interrupted sleep or poll with a timeout through it, which no test made
+/// until bench/boot.sh stopped tandem to read its memory: without it SIGCONT killed it.
 const RUNTIME: &[i64] = &[
+    libc::SYS_restart_syscall,
     libc::SYS_write,
     libc::SYS_close,
     libc::SYS_futex,
@@ -459,6 +463,7 @@ mod tests {
             ] {
                 assert!(!allowed.contains(&nr), "{} threads may make syscall {nr}", kind.name());
             }
+            assert!(allowed.contains(&libc::SYS_restart_syscall), "{} threads die on SIGCONT", kind.name());
         }
         // Only the host-device worker and the main thread reach files and sockets by name.
         for kind in [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Api, ThreadKind::Signals] {
