@@ -181,6 +181,22 @@ if run_wait_for switch "L2-SW-READY" 300; then
   echo "L1-GONE-AFTER sb0_rx=$(sb_rx) $(last_sw) numvfs=$(cat /sys/class/net/$PF/device/sriov_numvfs) info=$(ctl info | tr -d '\n ')"
   kill -INT $PING; wait $PING
   ping_report L1-GONE-PING /tmp/ping3.log
+
+  # The host makes its VFs again: the pair's VF comes back by itself (Tandem takes the new
+  # VF as it did at the start) and the traffic returns to it.
+  ping -i 0.01 10.98.0.3 > /tmp/ping4.log 2>&1 &
+  PING=$!
+  sleep 2
+  echo "L1-RETURN-START sb0_rx=$(sb_rx) $(last_sw)"
+  echo 1 > /sys/class/net/$PF/device/sriov_numvfs
+  echo "L1-RETURN-NUMVFS $(vf_state "$PF" 0)"
+  run_wait_count switch "tandem: vf0: plugged into the guest" 4 90 && echo "L1-RETURN-REPLUGGED"
+  sleep 6
+  a=$(last_sw); sleep 2; b=$(last_sw)
+  echo "L1-RETURN-A $a"
+  echo "L1-RETURN-B $b info=$(ctl info | tr -d '\n ') $(vf_state "$PF" 0)"
+  kill -INT $PING; wait $PING
+  ping_report L1-RETURN-PING /tmp/ping4.log
   kill $WATCH 2> /dev/null; wait $WATCH 2> /dev/null
   ctl shutdown > /dev/null
 else

@@ -43,8 +43,9 @@ pub enum Cause {
     User,
     /// Its PF lost its link: it comes back by itself when the link does.
     Link,
-    /// The host took the VF back (an unbind, or its PF removing its VFs): it comes back
-    /// only with `device-add` once the VF is there again.
+    /// The host took the VF back (an unbind, or its PF removing its VFs): an auto pair's
+    /// VF comes back by itself once the PF has made it again; an unbound one, which the
+    /// host still has, only with `device-add`.
     Host,
 }
 
@@ -97,6 +98,10 @@ pub struct FailoverPair {
     pub state: PairState,
     /// The guest's driver of the standby has negotiated STANDBY at least once.
     pub standby_seen: bool,
+    /// Parked for the host: its VF has gone from the PF since.
+    pub host_vf_gone: bool,
+    /// ... and the looks in a row that found it back.
+    pub host_vf_back: u8,
 }
 
 impl FailoverPair {
@@ -110,6 +115,8 @@ impl FailoverPair {
             auto,
             state: PairState::Held,
             standby_seen: false,
+            host_vf_gone: false,
+            host_vf_back: 0,
         }
     }
 }
@@ -301,8 +308,12 @@ fn run(
             events: libc::POLLIN,
             revents: 0,
         }));
+        // A VF the host took is looked for each second: its return (a PF making its VFs
+        // again) sends no event of its own.
+        let awaits_host = lock().awaits_host_vf();
+        let timeout = if awaits_host { 1000 } else { -1 };
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
-        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() == std::io::ErrorKind::Interrupted {
@@ -340,6 +351,9 @@ fn run(
         }
         for id in asked {
             lock().host_request(&id);
+        }
+        if awaits_host {
+            lock().host_vfs_check();
         }
         let Some(w) = watch.as_mut() else { continue };
         match w.read_events() {

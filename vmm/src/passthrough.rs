@@ -133,6 +133,11 @@ impl Passthrough {
                     )));
                 };
                 match self.pairs[i].state {
+                    PairState::Parked(Cause::Host) => {
+                        // The host has had the VF since: take it from whatever it is on now.
+                        self.retake(i)?;
+                        self.plug_pair(i)
+                    }
                     PairState::Plugged => Err(PlugError::Conflict(format!("{id} is in the guest already"))),
                     PairState::Held => Err(PlugError::Conflict(format!(
                         "{id} is held back until the guest's driver of {} negotiates VIRTIO_NET_F_STANDBY (its \
@@ -355,9 +360,67 @@ impl Passthrough {
         self.notices.info(format_args!(
             "{id}: the host wants the device back (an unbind or a VF removal): {what}unplugging it"
         ));
+        if let Some(i) = self.pair_index(id) {
+            (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
+        }
         match self.remove(id, Cause::Host) {
             Ok(r) => self.notices.info(format_args!("{id}: unplugged and closed for the host ({})", removal_text(&r))),
             Err(e) => self.notices.warn(format_args!("{id}: unplugging it for the host failed: {e}")),
+        }
+    }
+
+    /// Whether an auto pair waits for the host to give its VF back.
+    pub fn awaits_host_vf(&self) -> bool {
+        self.pairs.iter().any(|p| p.auto && p.state == PairState::Parked(Cause::Host))
+    }
+
+    /// Auto pairs whose VF the host took: once the VF has gone from its PF and is back
+    /// (on two looks in a row, so that the host has finished making it), with the PF's
+    /// link up, it is taken again and plugged. A VF that never went (unbound by hand)
+    /// stays the host's until `device-add`.
+    pub fn host_vfs_check(&mut self) {
+        for i in 0..self.pairs.len() {
+            let (vf, pf) = (self.pairs[i].vf.clone(), self.pairs[i].pf.clone());
+            if !self.pairs[i].auto || self.pairs[i].state != PairState::Parked(Cause::Host) {
+                continue;
+            }
+            let present = self.leases().vfs.iter().find(|l| l.id() == vf).is_some_and(|l| l.vf_present());
+            let pair = &mut self.pairs[i];
+            if !present {
+                if !pair.host_vf_gone {
+                    self.notices.info(format_args!("{vf}: gone from {pf}; plugged back by itself when {pf} has it again"));
+                }
+                (pair.host_vf_gone, pair.host_vf_back) = (true, 0);
+                continue;
+            }
+            if !pair.host_vf_gone {
+                continue;
+            }
+            pair.host_vf_back = pair.host_vf_back.saturating_add(1);
+            if pair.host_vf_back < 2 || !self.pf_has_link(&pf) {
+                continue;
+            }
+            self.notices.info(format_args!("{vf}: {pf} has the VF again: taking it and plugging it back"));
+            let back = self.retake(i).and_then(|()| self.plug_pair(i));
+            if let Err(e) = back {
+                // Not again by itself until the VF goes and comes back once more.
+                (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
+                self.notices.warn(format_args!("{vf}: cannot plug it back: {e}; `tandem ctl device-add {vf}` tries again"));
+            }
+        }
+    }
+
+    /// Takes pair `i`'s VF from the host again (see [`VfLease::retake`]).
+    fn retake(&mut self, i: usize) -> Result<(), PlugError> {
+        let id = self.pairs[i].vf.clone();
+        let retaken = self.leases().vfs.iter_mut().find(|l| l.id() == id).map(|l| l.retake());
+        match retaken {
+            Some(Ok(())) => {
+                (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
+                Ok(())
+            }
+            Some(Err(e)) => Err(PlugError::Failed(format!("{id}: taking the VF from the host again: {e}"))),
+            None => Err(PlugError::Failed(format!("{id}: no lease"))),
         }
     }
 

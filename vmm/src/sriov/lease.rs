@@ -347,7 +347,7 @@ impl HeldDevice {
 /// Release it only after the VFIO device and container are closed: vfio-pci blocks an unbind
 /// (and the PF a VF removal) while a process holds the device.
 #[derive(Debug)]
-pub struct VfLease(HeldDevice);
+pub struct VfLease(HeldDevice, VfSpec);
 
 impl std::ops::Deref for VfLease {
     type Target = HeldDevice;
@@ -396,7 +396,45 @@ impl VfLease {
         let journal = ctx.claim(host.runtime_dir.join(state::vf_journal_name(&pf_bdf, spec.index)), record)?;
         let (lease, taken) = ctx.finish(journal, |j| ctx.setup_vf(spec, want, j))?;
         let sysfs_path = host.sysfs.device_path(&taken.bdf);
-        Ok(Self(HeldDevice { lease, id: spec.id.clone(), taken, sysfs_path }))
+        Ok(Self(HeldDevice { lease, id: spec.id.clone(), taken, sysfs_path }, spec.clone()))
+    }
+
+    /// Whether the PF has this VF now (a PF that removed its VFs has none until they are
+    /// made again).
+    pub fn vf_present(&self) -> bool {
+        let (host, spec) = (&self.0.lease.host, &self.1);
+        let Ok(pf_bdf) = host.sysfs.netdev_bdf(&spec.pf) else { return false };
+        matches!(host.sysfs.virtfn(&pf_bdf, spec.index), Ok(Some(_)))
+    }
+
+    /// Takes the VF again after the host removed it and made it anew (its PF's VFs
+    /// re-created): the same steps as at the start on the new device, its state recorded
+    /// afresh, since that is what the host now has and gets back at the end. On failure
+    /// the lease is released (the new VF restored) and the error returned; the next
+    /// retake starts from scratch.
+    pub fn retake(&mut self) -> Result<(), SriovError> {
+        // Never makes VFs: the PF's VFs are the host's now (and a PF journal of Tandem's
+        // own, from create=on, still says how to undo the first making).
+        let (host, spec) = (self.0.lease.host.clone(), VfSpec { create: false, ..self.1.clone() });
+        if self.0.lease.journal.is_none() {
+            // An earlier retake failed and gave everything back: a lease from scratch.
+            *self = Self::take(&spec, &host, spec.index.saturating_add(1))?;
+            return Ok(());
+        }
+        let ctx = Ctx { host: &host, dev: format!("{} (VF {} of {})", spec.id, spec.index, spec.pf) };
+        let _lock = RuntimeLock::take(&host.runtime_dir)?;
+        let Some(mut journal) = self.0.lease.journal.take() else {
+            return Err(SriovError::NoVfSettings { dev: self.0.id.clone() });
+        };
+        let record = &mut journal.record;
+        (record.phase, record.bdf, record.group) = (Phase::Claimed, None, None);
+        (record.driver, record.driver_override, record.original) = (None, None, None);
+        record.changed.clear();
+        journal.save()?;
+        let (lease, taken) = ctx.finish(journal, |j| ctx.setup_vf(&spec, spec.index.saturating_add(1), j))?;
+        self.0.sysfs_path = host.sysfs.device_path(&taken.bdf);
+        (self.0.lease, self.0.taken) = (lease, taken);
+        Ok(())
     }
 
     /// Sets the VF's MAC on the PF while leased: all zeroes makes the PF's switch stop

@@ -88,6 +88,54 @@ fn dropping_a_lease_puts_the_vf_back() {
 }
 
 #[test]
+fn a_vf_the_host_made_again_is_taken_afresh_and_given_back_as_the_host_made_it() {
+    let fx = igb(1, true);
+    fx.set_vf_settings(IFX, 0, VfConfig { mac: [2, 0, 0, 0, 0, 0x11], ..FRESH_VF });
+    let mut vf = VfLease::acquire(&vf_spec("pf=eth0,index=0,mac=02:00:00:00:00:99,id=fo"), &fx.host()).unwrap();
+    assert!(vf.vf_present());
+    // The host removes the PF's VFs (once tandem has closed the device) and makes them again.
+    let sysfs = fx.host().sysfs;
+    sysfs.set_sriov_numvfs(PF, 0).unwrap();
+    assert!(!vf.vf_present());
+    sysfs.set_sriov_numvfs(PF, 1).unwrap();
+    assert!(vf.vf_present());
+    let remade = fx.snapshot();
+    assert_eq!(fx.driver("0000:01:10.0").as_deref(), Some("igbvf"));
+
+    vf.retake().unwrap();
+    assert_eq!(fx.driver("0000:01:10.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(fx.vf_settings(IFX, 0).mac, [2, 0, 0, 0, 0, 0x99]);
+    let journal = std::fs::read_to_string(fx.runtime.join("vf-0000:01:00.0-0.state")).unwrap();
+    assert!(journal.contains("driver=igbvf") && journal.contains("mac=00:00:00:00:00:00"), "{journal}");
+    // What it is given back to is the new VF as the host made it, not the one it removed.
+    vf.release().unwrap();
+    assert_eq!(fx.snapshot(), remade);
+    assert_eq!(fx.vf_settings(IFX, 0), FRESH_VF);
+    assert!(fx.journals().is_empty());
+}
+
+#[test]
+fn taking_a_vf_again_while_the_host_has_none_never_makes_one_and_gives_all_back() {
+    let fx = igb(0, true);
+    let before = fx.snapshot();
+    let mut vf = VfLease::acquire(&vf_spec("pf=eth0,index=0,create=on,id=fo"), &fx.host()).unwrap();
+    fx.host().sysfs.set_sriov_numvfs(PF, 0).unwrap();
+    let e = vf.retake().unwrap_err().to_string();
+    assert!(e.contains("fo (VF 0 of eth0)"), "{e}");
+    assert_eq!(fx.read("sys/bus/pci/devices/0000:01:00.0/sriov_numvfs"), "0", "no VF made");
+    // The failed retake gave everything back, the PF's autoprobe too; the lease is empty.
+    assert_eq!(fx.snapshot(), before);
+    assert!(fx.journals().is_empty());
+    // Once the host has the VF again, the next retake takes it from scratch.
+    fx.host().sysfs.set_sriov_numvfs(PF, 1).unwrap();
+    vf.retake().unwrap();
+    assert_eq!(fx.driver("0000:01:10.0").as_deref(), Some("vfio-pci"));
+    assert_eq!(fx.journals(), ["vf-0000:01:00.0-0.state"]);
+    vf.release().unwrap();
+    assert!(fx.journals().is_empty());
+}
+
+#[test]
 fn create_on_makes_the_vfs_and_removes_them() {
     let fx = igb(0, true);
     let before = fx.snapshot();
