@@ -20,10 +20,18 @@
  *                  guest's RAM, so this is the guest memory the guest actually touched;
  *                  hwm_kib - guest_rss_kib is what the VMM itself costs.
  *   guest_map_kib  the size of that mapping (to check it is the guest RAM).
+ *   at_marker_hwm_kib, at_marker_guest_rss_kib
+ *                  the same two read together while the child is stopped (SIGSTOP, then
+ *                  SIGCONT) on the marker: the peak up to then and the guest memory then.
+ *                  The guest goes on touching memory after the last sample (its init runs
+ *                  until it powers off), which ru_maxrss counts and guest_rss_kib may miss:
+ *                  a difference of the whole-run pair can hold a 2 MiB huge page of guest
+ *                  RAM. The pair at the marker cannot.
  *
  * Last line printed:
  *   BOOTMETER marker_ms=<ms|-1> exit_ms=<ms> status=<exit code|128+signal> killed=<0|1>
  *             hwm_kib=<n> guest_rss_kib=<n> guest_map_kib=<n> samples=<n>
+ *             at_marker_hwm_kib=<n|-1> at_marker_guest_rss_kib=<n|-1>
  * Exit status: 0 if the marker was seen and CMD exited 0, 1 if no marker, 2 otherwise.
  */
 #define _GNU_SOURCE
@@ -159,8 +167,10 @@ int main(int argc, char **argv)
 	char lb[8192];
 	size_t ll = 0;
 	double tm = -1, deadline = t0 + tmo, next_sample = t0;
-	long hwm = -1, grss = -1, gmap = -1;
-	int killed = 0, samples = 0;
+	long hwm = -1, grss = -1, gmap = -1, mhwm = -1, mgrss = -1;
+	int killed = 0, samples = 0, exited = 0, st = 0;
+	struct rusage ru;
+	memset(&ru, 0, sizeof ru);
 	for (;;) {
 		double t = now_ms();
 		if (t >= deadline) {
@@ -201,6 +211,19 @@ int main(int argc, char **argv)
 					tm = now_ms() - t0;
 					deadline = now_ms() + after;
 					next_sample = 0; /* sample right away: the guest is up */
+					if (!exited && kill(pid, SIGSTOP) == 0) {
+						int w;
+						while ((w = wait4(pid, &st, WUNTRACED, &ru)) < 0 && errno == EINTR)
+							;
+						if (w == pid && WIFSTOPPED(st)) {
+							long sz = -1;
+							mhwm = read_hwm(pid);
+							mgrss = read_guest_rss(pid, &sz);
+							kill(pid, SIGCONT);
+						} else if (w == pid) {
+							exited = 1; /* it ended first: st and ru are its end */
+						}
+					}
 				}
 				ll = 0;
 			} else {
@@ -208,17 +231,14 @@ int main(int argc, char **argv)
 			}
 		}
 	}
-	int st = 0;
-	struct rusage ru;
-	memset(&ru, 0, sizeof ru);
-	while (wait4(pid, &st, 0, &ru) < 0 && errno == EINTR)
+	while (!exited && wait4(pid, &st, 0, &ru) < 0 && errno == EINTR)
 		;
 	double te = now_ms() - t0;
 	if (ru.ru_maxrss > hwm)
 		hwm = ru.ru_maxrss;
 	int status = WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st);
 	printf("\nBOOTMETER marker_ms=%.1f exit_ms=%.1f status=%d killed=%d hwm_kib=%ld guest_rss_kib=%ld "
-	       "guest_map_kib=%ld samples=%d\n",
-	       tm, te, status, killed, hwm, grss, gmap, samples);
+	       "guest_map_kib=%ld samples=%d at_marker_hwm_kib=%ld at_marker_guest_rss_kib=%ld\n",
+	       tm, te, status, killed, hwm, grss, gmap, samples, mhwm, mgrss);
 	return tm < 0 ? 1 : (status == 0 && !killed ? 0 : 2);
 }
