@@ -402,6 +402,13 @@ fn compile(
     BpfProgram::try_from(filter).map_err(|e| fail(e.to_string()))
 }
 
+/// Every thread's stack. Rust's default, 2 MiB, is a huge page's size: a stack that lands
+/// 2 MiB-aligned (the first one does, right below the aligned guest RAM) is then backed
+/// by one transparent huge page at its first touch, 2 MiB resident for a few KiB used
+/// (measured: a third of the VMM's own RSS in the bed). A smaller stack can never hold an
+/// aligned huge page; the deepest path (a vCPU's exit through a device) uses a few KiB.
+const THREAD_STACK: usize = 1 << 20;
+
 /// Starts thread `name`, which installs the `kind` filter on itself before it runs `f`
 /// (one that cannot skips `f`), so nothing runs in it unfiltered. Returns without waiting
 /// for that: a kernel's filter set-up costs about 0.1 ms a thread, which then overlaps the
@@ -415,7 +422,7 @@ pub fn spawn(
     let installs = filters.installs.clone();
     installs.begin();
     let filters = filters.clone();
-    let spawned = std::thread::Builder::new().name(name.to_string()).spawn(move || {
+    let spawned = std::thread::Builder::new().name(name.to_string()).stack_size(THREAD_STACK).spawn(move || {
         let installed = filters.install(kind);
         let ok = installed.is_ok();
         filters.installs.end(installed.err());
