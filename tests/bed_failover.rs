@@ -5,7 +5,10 @@
 //! master's traffic goes over the VF, not the standby. Under 10 ms pings from L1 through
 //! a bridge of the PF and the standby's tap, `tandem ctl device-remove` takes the VF out
 //! (the standby carries the traffic, the VF stays leased with its MAC cleared) and
-//! `device-add` brings it back (the VF carries the traffic again).
+//! `device-add` brings it back (the VF carries the traffic again). Tandem counts both
+//! paths: the standby's frames itself, the VF's from the VF's own statistics registers.
+//! The host taking the VF (its PF removing its VFs) unplugs it; the PF making them
+//! again brings it back by itself.
 
 use std::sync::OnceLock;
 
@@ -129,6 +132,17 @@ fn device_add_brings_the_vf_back_and_the_traffic_returns_to_it() {
     let exit = l1(bed, "L1-SW-AFTER-EXIT");
     assert!(exit.ends_with("numvfs=0"), "the VFs Tandem made are still there after the VM: {exit}");
     assert_eq!(bed.run("switch").rc, Some(0), "{}", bed.run("switch").console());
+}
+
+#[test]
+fn tandem_counts_each_paths_traffic_the_vfs_from_its_own_registers() {
+    let bed = bed();
+    let (a, b) = (l1(bed, "L1-SW-PATHS-A"), l1(bed, "L1-SW-PATHS-B"));
+    let (vf, sb) = (num(b, "vf0_rx") - num(a, "vf0_rx"), num(b, "sb0_rx") - num(a, "sb0_rx"));
+    // 3 s of 10 ms pings (the first ones wait for ARP): over the VF, not the standby.
+    assert!(vf >= 100 && sb * 10 < vf, "the VF's counters did not carry the pings: {a} / {b}");
+    let bytes = num(b, "vf0_rx_bytes") - num(a, "vf0_rx_bytes");
+    assert!(bytes >= vf * 64, "fewer bytes than the smallest frames make: {a} / {b}");
 }
 
 #[test]

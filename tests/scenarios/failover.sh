@@ -102,6 +102,12 @@ ping_report() {
       printf "%s sent=%d received=%d lost=%d longest_gap=%d outage_ms=%d\n", m, tx, n, tx - n, gap, gap * 10 }' "$2"
 }
 sb_rx() { ctl counters | tr -d '\n ' | sed -n 's/.*"sb0":{[^}]*"rx_packets":\([0-9]*\).*/\1/p'; }
+# Both paths as Tandem counts them: the standby's rx and the VF's (its own registers).
+paths() {
+  _c=$(ctl counters | tr -d '\n ')
+  _v() { echo "$_c" | sed -n "s/.*\"$1\":{[^}]*\"$2\":\([0-9]*\).*/\1/p"; }
+  echo "sb0_rx=$(_v sb0 rx_packets) vf0_rx=$(_v vf0 rx_packets) vf0_rx_bytes=$(_v vf0 rx_bytes)"
+}
 # Only whole lines: the guest may be halfway through writing the last one.
 last_sw() { run_console switch | grep "^L2-SW .* end" | tail -n 1; }
 if run_wait_for switch "L2-SW-READY" 300; then
@@ -114,6 +120,7 @@ if run_wait_for switch "L2-SW-READY" 300; then
       if [ "$c" = "$prev" ]; then still=$((still + 1)); else still=0 prev=$c; fi
       [ $still -ge 5 ] || continue
       echo "L1-SW-GUEST-STOPPED lines=$c"
+      touch /tmp/sw-stopped
       vm_stuck_report switch $SOCK
       vm_bed_fault switch $SOCK
       break
@@ -122,7 +129,9 @@ if run_wait_for switch "L2-SW-READY" 300; then
   echo "L1-SW-INFO-START $(ctl info | tr -d '\n ')"
   ping -i 0.01 10.98.0.3 > /tmp/ping.log 2>&1 &
   PING=$!
+  echo "L1-SW-PATHS-A $(paths)"
   sleep 3
+  echo "L1-SW-PATHS-B $(paths)"
   echo "L1-SW-BEFORE sb0_rx=$(sb_rx) $(last_sw)"
   grep vfio /proc/interrupts | tr -s ' ' | sed 's/^/L1-SW-IRQ0 /'
   ctl device-remove vf0 2>&1 | sed 's/^/L1-SW-REMOVE /'
@@ -197,7 +206,10 @@ if run_wait_for switch "L2-SW-READY" 300; then
   echo "L1-RETURN-B $b info=$(ctl info | tr -d '\n ') $(vf_state "$PF" 0)"
   kill -INT $PING; wait $PING
   ping_report L1-RETURN-PING /tmp/ping4.log
-  kill $WATCH 2> /dev/null; wait $WATCH 2> /dev/null
+  # A watch that found the guest stopped finishes asking it where it is (its NMI ends the
+  # run), so that the harness can tell the bed's fault; any other is stopped here.
+  [ -e /tmp/sw-stopped ] || kill $WATCH 2> /dev/null
+  wait $WATCH 2> /dev/null
   ctl shutdown > /dev/null
 else
   vm_stuck_report switch $SOCK

@@ -28,6 +28,7 @@ use std::sync::atomic::Ordering::{Acquire, Release};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use devices::Notices;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -280,6 +281,10 @@ impl Drop for FailoverWorker {
     }
 }
 
+/// How often a VF's traffic counters are read when nothing else asks: its byte counters
+/// wrap at 4 GiB, 34 s at 1 Gb/s.
+const TRAFFIC_EVERY: Duration = Duration::from_secs(10);
+
 fn run(
     passthrough: Arc<Mutex<Passthrough>>,
     events: Arc<FailoverEvents>,
@@ -296,6 +301,7 @@ fn run(
     // Devices whose host may ask for them back. A device off the bus has dropped its
     // end of the eventfd: it is watched no longer.
     let mut requests: Vec<(String, Arc<EventFd>)> = Vec::new();
+    let mut sampled = Instant::now();
     loop {
         requests.retain(|(_, fd)| Arc::strong_count(fd) > 1);
         let mut fds = vec![libc::pollfd { fd: events.wake.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
@@ -309,9 +315,17 @@ fn run(
             revents: 0,
         }));
         // A VF the host took is looked for each second: its return (a PF making its VFs
-        // again) sends no event of its own.
-        let awaits_host = lock().awaits_host_vf();
-        let timeout = if awaits_host { 1000 } else { -1 };
+        // again) sends no event of its own. A VF's traffic counters are read every
+        // TRAFFIC_EVERY, well within the time its 32-bit registers take to wrap.
+        let (awaits_host, traffic) = {
+            let p = lock();
+            (p.awaits_host_vf(), p.has_vf_traffic())
+        };
+        let timeout = match (awaits_host, traffic) {
+            (true, _) => 1000,
+            (false, true) => TRAFFIC_EVERY.saturating_sub(sampled.elapsed()).as_millis() as i32 + 1,
+            (false, false) => -1,
+        };
         // SAFETY: `fds` is a valid array of pollfds for the duration of the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if n < 0 {
@@ -354,6 +368,10 @@ fn run(
         }
         if awaits_host {
             lock().host_vfs_check();
+        }
+        if traffic && sampled.elapsed() >= TRAFFIC_EVERY {
+            lock().sample_vf_traffic();
+            sampled = Instant::now();
         }
         let Some(w) = watch.as_mut() else { continue };
         match w.read_events() {

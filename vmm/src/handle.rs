@@ -127,9 +127,12 @@ pub struct ExitCounts {
 pub enum DeviceCounters {
     Net(NetStats),
     Block(BlockStats),
-    /// The VF's own traffic never passes through Tandem; the PF reports it.
+    /// The VF's own traffic never passes through Tandem: a VF of a known model has it
+    /// read from its statistics registers (since Tandem attached it).
     Passthrough {
         host_bdf: String,
+        #[serde(flatten)]
+        traffic: Option<crate::device_manager::VfTrafficCounts>,
     },
 }
 
@@ -297,7 +300,7 @@ impl VmHandle {
                 kind: d.stats.kind(),
                 guest_pci: format!("0000:00:{:02x}.0", d.slot),
                 host_bdf: match d.stats {
-                    DeviceStats::Passthrough { bdf } => Some(bdf),
+                    DeviceStats::Passthrough { bdf, .. } => Some(bdf),
                     _ => None,
                 },
                 id: d.id,
@@ -326,16 +329,36 @@ impl VmHandle {
         }
     }
 
+    /// Has the host-device worker read the VFs' traffic registers (VFIO region reads,
+    /// which only its seccomp filter allows). A worker busy with an unplug's eject wait
+    /// answers later: the totals it read last are the answer then.
+    fn refresh_vf_traffic(&self) {
+        if !self.host_worker.worker_running() {
+            return;
+        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {
+            p.sample_vf_traffic();
+            let _ = tx.send(());
+        })));
+        let _ = rx.recv_timeout(std::time::Duration::from_millis(500));
+    }
+
     pub fn counters(&self) -> VmCounters {
         let c = &self.counters;
-        let devices = self
-            .summary()
+        let summary = self.summary();
+        if summary.iter().any(|d| matches!(&d.stats, DeviceStats::Passthrough { traffic: Some(_), .. })) {
+            self.refresh_vf_traffic();
+        }
+        let devices = summary
             .into_iter()
             .map(|d| {
                 let counters = match d.stats {
                     DeviceStats::Net(c) => DeviceCounters::Net(c.snapshot()),
                     DeviceStats::Block(c) => DeviceCounters::Block(c.snapshot()),
-                    DeviceStats::Passthrough { bdf } => DeviceCounters::Passthrough { host_bdf: bdf },
+                    DeviceStats::Passthrough { bdf, traffic } => {
+                        DeviceCounters::Passthrough { host_bdf: bdf, traffic: traffic.map(|t| t.totals()) }
+                    }
                 };
                 (d.id, counters)
             })

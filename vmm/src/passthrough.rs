@@ -369,6 +369,16 @@ impl Passthrough {
         }
     }
 
+    /// Whether a passthrough device has traffic counters to keep up to date.
+    pub fn has_vf_traffic(&self) -> bool {
+        self.dm().has_vf_traffic()
+    }
+
+    /// Brings the passthrough devices' traffic counters up to date.
+    pub fn sample_vf_traffic(&self) {
+        self.dm().sample_vf_traffic();
+    }
+
     /// Whether an auto pair waits for the host to give its VF back.
     pub fn awaits_host_vf(&self) -> bool {
         self.pairs.iter().any(|p| p.auto && p.state == PairState::Parked(Cause::Host))

@@ -5,12 +5,14 @@ mod driver_watch;
 mod hotplug;
 mod legacy;
 mod pci;
+mod vf_traffic;
 mod vfio;
 mod vfio_checks;
 mod virtio;
 
 pub use driver_watch::{DriverReady, DriverStopping};
 pub use hotplug::Removal;
+pub use vf_traffic::{VfTraffic, VfTrafficCounts};
 pub use vfio::{pci_sysfs_path, DmaMapStats, PassthroughReport, VfioHostError};
 pub use vfio_checks::{check_passthrough_host, HostCheckError, InterruptRemapping};
 
@@ -106,9 +108,11 @@ pub struct PciDeviceEntry {
 pub enum DeviceStats {
     Net(Arc<devices::virtio::net::NetCounters>),
     Block(Arc<devices::virtio::block::BlockCounters>),
-    /// A host device passed through with VFIO, by its PCI address.
+    /// A host device passed through with VFIO, by its PCI address; a VF of a known
+    /// model has its traffic counted (see `vf_traffic`).
     Passthrough {
         bdf: String,
+        traffic: Option<Arc<VfTraffic>>,
     },
 }
 
@@ -192,6 +196,20 @@ impl DeviceManager {
     /// The devices on the PCI bus.
     pub fn pci_devices(&self) -> &[PciDeviceEntry] {
         &self.pci_devices
+    }
+
+    /// Whether a passthrough device has traffic counters to keep up to date.
+    pub fn has_vf_traffic(&self) -> bool {
+        self.pci_devices.iter().any(|e| matches!(&e.stats, DeviceStats::Passthrough { traffic: Some(_), .. }))
+    }
+
+    /// Brings every passthrough device's traffic counters up to date.
+    pub fn sample_vf_traffic(&self) {
+        for e in &self.pci_devices {
+            if let DeviceStats::Passthrough { traffic: Some(t), .. } = &e.stats {
+                t.sample();
+            }
+        }
     }
 
     /// The devices on the PCI bus, for another thread to report on.

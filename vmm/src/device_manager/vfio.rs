@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::driver_watch::{DriverReady, WatchedVectors};
 use super::vfio_checks::{bdf_of, memlock_limit, HostCheckError, HostFiles, InterruptRemapping};
-use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry};
+use super::{DeviceError, DeviceManager, DeviceStats, PciDeviceEntry, VfTraffic};
 use crate::interrupt::{KvmIntxLine, KvmMsiVectors};
 use crate::vm::GuestMemory;
 
@@ -298,7 +298,7 @@ impl DeviceManager {
         // On failure the device is dropped (closed) on the way out.
         let Placed { slot, shared, request, vectors } =
             Self::place_passthrough(pci, id, &bdf, device, ready, &self.notices)?;
-        let stats = DeviceStats::Passthrough { bdf: bdf.clone() };
+        let stats = DeviceStats::Passthrough { bdf: bdf.clone(), traffic: VfTraffic::new(&shared) };
         let entry = PciDeviceEntry {
             id: id.to_string(),
             slot,
