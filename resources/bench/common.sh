@@ -96,7 +96,7 @@ bench_in_l1() {
   log=$CACHE/bench-$name-l1.log
   say "$RUNS rounds of $what per VMM, ${BENCH_GUESTS:-both guests up at once} in one L1; L1 log: $log"
   # shellcheck disable=SC2086  # BENCH_L1_ARGS: more run-l1.sh options, word-split
-  "$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 60 + 900)) ${BENCH_L1_ARGS:-} \
+  "$RES/bed/run-l1.sh" --mem 3072 --timeout $((RUNS * 300 + 900)) ${BENCH_L1_ARGS:-} \
     --append "tandem.bench_runs=$RUNS tandem.bench_secs=$SECS" "$W/overlay.cpio" "$log" || rc=$?
   BENCH_LINES=$W/bench
   tr -d '\r' < "$log" | grep -E '^BENCH ' > "$BENCH_LINES" || true

@@ -30,7 +30,8 @@
 #             device must already be on vfio-pci (Tandem binds it itself).
 #   --api-socket PATH -> -qmp unix:PATH,server=on,wait=off  (QMP, not Tandem's protocol).
 # Environment: QEMU_AS_TANDEM_MACHINE (default q35) replaces the -M value;
-# QEMU_AS_TANDEM_VERBOSE=1 prints the QEMU command line on stderr.
+# QEMU_AS_TANDEM_ARGS: more QEMU arguments, split at spaces (e.g. a pcie-root-port to
+# device_add into); QEMU_AS_TANDEM_VERBOSE=1 prints the QEMU command line on stderr.
 set -u
 die() { echo "qemu-as-tandem: $*" >&2; exit 2; }
 
@@ -128,5 +129,7 @@ IFS='
 '
 for a in $devs; do set -- "$@" "$a"; done
 unset IFS
+# shellcheck disable=SC2086  # split on purpose
+[ -n "${QEMU_AS_TANDEM_ARGS:-}" ] && set -- "$@" ${QEMU_AS_TANDEM_ARGS}
 [ "${QEMU_AS_TANDEM_VERBOSE:-0}" = 1 ] && echo "qemu-as-tandem: qemu-system-x86_64 $*" >&2
 exec qemu-system-x86_64 "$@"

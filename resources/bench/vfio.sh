@@ -10,9 +10,11 @@
 # attach the VF. Under TCG every figure is slow in absolute terms; the probe ratio is the
 # comparison, the GiB/s the pinning speed of L1's kernel as Tandem drives it, beside the
 # same kernel's speed with nothing but one VFIO_IOMMU_MAP_DMA of as much fresh memory
-# (resources/bed/dmapin.c). The line before the last:
+# (resources/bed/dmapin.c). And the hot path: the VF plugged into a running guest through
+# each VMM's control socket (see vfio-l1.sh). The two lines before the last:
 #   kernel_pin_gib_s=<x> kernel_pin_hugepages_gib_s=<x> dma_vs_kernel=<tandem / kernel>
 #     dma_hugepages_vs_kernel=<tandem / kernel>
+#   hot_attach_ratio=<tandem / qemu> hot_attach_ms=<tandem> qemu_hot_attach_ms=<qemu>
 # Last line:
 #   vf_probe_ratio=<tandem / qemu, lower is better> dma_map_gib_s=<x> dma_map_hugepages_gib_s=<x>
 # each the median over the rounds (the ratio: of each round's Tandem / QEMU).
@@ -30,6 +32,9 @@ tpin=$(bench_median "$BENCH_LINES" tandem dma_gib_s) thuge=$(bench_median "$BENC
 awk -v kp="$kpin" -v kh="$khuge" -v tp="$tpin" -v th="$thuge" 'BEGIN {
   printf "kernel_pin_gib_s=%s kernel_pin_hugepages_gib_s=%s dma_vs_kernel=%.2f dma_hugepages_vs_kernel=%.2f\n",
     kp, kh, (kp > 0 ? tp / kp : 0), (kh > 0 ? th / kh : 0) }'
+echo "hot_attach_ratio=$(bench_paired_ratio "$BENCH_LINES" hot_attach_ms)" \
+  "hot_attach_ms=$(bench_median "$BENCH_LINES" tandem hot_attach_ms)" \
+  "qemu_hot_attach_ms=$(bench_median "$BENCH_LINES" qemu hot_attach_ms)"
 echo "vf_probe_ratio=$(bench_paired_ratio "$BENCH_LINES" probe_ms)" \
   "dma_map_gib_s=$(bench_median "$BENCH_LINES" tandem dma_gib_s)" \
   "dma_map_hugepages_gib_s=$(bench_median "$BENCH_LINES" tandem dma_huge_gib_s)"
