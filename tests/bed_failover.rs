@@ -139,8 +139,9 @@ fn tandem_counts_each_paths_traffic_the_vfs_from_its_own_registers() {
     let bed = bed();
     let (a, b) = (l1(bed, "L1-SW-PATHS-A"), l1(bed, "L1-SW-PATHS-B"));
     let (vf, sb) = (num(b, "vf0_rx") - num(a, "vf0_rx"), num(b, "sb0_rx") - num(a, "sb0_rx"));
-    // 3 s of 10 ms pings (the first ones wait for ARP): over the VF, not the standby.
-    assert!(vf >= 100 && sb * 10 < vf, "the VF's counters did not carry the pings: {a} / {b}");
+    // 2 s of 10 ms pings with the VF back (where the guest's own counters show them on
+    // the VF, see above): Tandem counts them on the VF, not on the standby.
+    assert!(vf >= 50 && sb * 10 < vf, "the VF's counters did not carry the pings: {a} / {b}");
     let bytes = num(b, "vf0_rx_bytes") - num(a, "vf0_rx_bytes");
     assert!(bytes >= vf * 64, "fewer bytes than the smallest frames make: {a} / {b}");
 }

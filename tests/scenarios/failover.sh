@@ -110,7 +110,9 @@ paths() {
 }
 # Only whole lines: the guest may be halfway through writing the last one.
 last_sw() { run_console switch | grep "^L2-SW .* end" | tail -n 1; }
-if run_wait_for switch "L2-SW-READY" 300; then
+# 180 s: well inside the run's timeout (RUN_TIMEOUT, 300 s), so that a guest stuck on its
+# way is asked where it is while its VMM still runs.
+if run_wait_for switch "L2-SW-READY" 180; then
   # The guest prints an L2-SW line every half second: when they stop for 5 s, ask it where
   # it is (vm_bed_fault ends the run; bed_failover.rs runs the bed again on the bed's fault).
   ( prev=0 still=0
@@ -129,9 +131,7 @@ if run_wait_for switch "L2-SW-READY" 300; then
   echo "L1-SW-INFO-START $(ctl info | tr -d '\n ')"
   ping -i 0.01 10.98.0.3 > /tmp/ping.log 2>&1 &
   PING=$!
-  echo "L1-SW-PATHS-A $(paths)"
   sleep 3
-  echo "L1-SW-PATHS-B $(paths)"
   echo "L1-SW-BEFORE sb0_rx=$(sb_rx) $(last_sw)"
   grep vfio /proc/interrupts | tr -s ' ' | sed 's/^/L1-SW-IRQ0 /'
   ctl device-remove vf0 2>&1 | sed 's/^/L1-SW-REMOVE /'
@@ -144,9 +144,11 @@ if run_wait_for switch "L2-SW-READY" 300; then
   ctl device-add vf0 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD /'; echo
   ctl device-add vf0 2>&1 | tr -d '\n' | sed 's/^/L1-SW-ADD-AGAIN /'; echo
   sleep 6
-  a=$(last_sw); sleep 2; b=$(last_sw)
+  a=$(last_sw); pa=$(paths); sleep 2; b=$(last_sw); pb=$(paths)
   echo "L1-SW-AFTER-A $a"
   echo "L1-SW-AFTER-B $b sb0_rx=$(sb_rx)"
+  echo "L1-SW-PATHS-A $pa"
+  echo "L1-SW-PATHS-B $pb"
   $IPROUTE -s link show "$PF" | sed 's/^/L1-SW-PF /'
   dmesg | tail -n 20 | sed 's/^/L1-SW-KMSG /'
   grep vfio /proc/interrupts | tr -s ' ' | sed 's/^/L1-SW-IRQ /'
@@ -211,8 +213,11 @@ if run_wait_for switch "L2-SW-READY" 300; then
   [ -e /tmp/sw-stopped ] || kill $WATCH 2> /dev/null
   wait $WATCH 2> /dev/null
   ctl shutdown > /dev/null
-else
+elif ! run_ended switch; then
+  echo "L1-SW-GUEST-STOPPED before-ready"
   vm_stuck_report switch $SOCK
+  vm_bed_fault switch $SOCK
+  run_signal switch TERM
 fi
 run_end switch
 # A guest kernel that died before the shutdown above (seen once: a triple fault during
