@@ -163,14 +163,22 @@ pub fn run_bed_retrying(
     loop {
         let bed = run_bed(name, scenario, opts);
         let Some(why) = redo(&bed) else { return bed };
+        if attempt >= attempts {
+            let _ = writeln!(
+                std::io::stderr(),
+                "[harness] bed {name}, run {attempt} of at most {attempts}: {why} (log {})",
+                bed.path.display()
+            );
+            return bed;
+        }
+        // The next run writes the same log: this one is kept beside it, for its diagnosis.
+        let kept = bed.path.with_file_name(format!("l1-attempt-{attempt}.log"));
+        let kept = if std::fs::rename(&bed.path, &kept).is_ok() { kept } else { bed.path.clone() };
         let _ = writeln!(
             std::io::stderr(),
             "[harness] bed {name}, run {attempt} of at most {attempts}: {why} (log {})",
-            bed.path.display()
+            kept.display()
         );
-        if attempt >= attempts {
-            return bed;
-        }
         attempt += 1;
     }
 }
