@@ -99,10 +99,9 @@ pub struct FailoverPair {
     pub state: PairState,
     /// The guest's driver of the standby has negotiated STANDBY at least once.
     pub standby_seen: bool,
-    /// Parked for the host: its VF has gone from the PF since.
-    pub host_vf_gone: bool,
-    /// ... and the looks in a row that found it back.
-    pub host_vf_back: u8,
+    /// Parked for the host: `None` until its VF has gone from the PF, then the looks in a
+    /// row that found it back.
+    pub host_vf_gone: Option<u8>,
 }
 
 impl FailoverPair {
@@ -116,8 +115,7 @@ impl FailoverPair {
             auto,
             state: PairState::Held,
             standby_seen: false,
-            host_vf_gone: false,
-            host_vf_back: 0,
+            host_vf_gone: None,
         }
     }
 }

@@ -159,16 +159,25 @@ impl VmHandle {
                 "the VM has not started: give its devices in its config, or add them once it runs".into(),
             ));
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {
-            let _ = tx.send(f(p));
-        })));
-        match rx.recv() {
+        match self.post(f).recv() {
             Ok(answer) => Ok(Some(answer)),
             // The job was dropped unrun (the VM ended first) or it panicked.
             Err(_) if !self.host_worker.worker_running() || self.passthrough.strong_count() == 0 => Ok(None),
             Err(_) => Err(PlugError::Failed("the host-device worker failed this request (see the log)".into())),
         }
+    }
+
+    /// Hands `f` to the host-device worker; its answer comes on the receiver (which
+    /// closes unanswered if the job is dropped unrun or panics).
+    fn post<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Passthrough) -> T + Send + 'static,
+    ) -> std::sync::mpsc::Receiver<T> {
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {
+            let _ = tx.send(f(p));
+        })));
+        rx
     }
 
     fn summary(&self) -> Vec<DeviceSummary> {
@@ -336,12 +345,7 @@ impl VmHandle {
         if !self.host_worker.worker_running() {
             return;
         }
-        let (tx, rx) = std::sync::mpsc::sync_channel(1);
-        self.host_worker.send(FailoverEvent::Job(Box::new(move |p| {
-            p.sample_vf_traffic();
-            let _ = tx.send(());
-        })));
-        let _ = rx.recv_timeout(std::time::Duration::from_millis(500));
+        let _ = self.post(|p| p.sample_vf_traffic()).recv_timeout(std::time::Duration::from_millis(500));
     }
 
     pub fn counters(&self) -> VmCounters {

@@ -361,7 +361,7 @@ impl Passthrough {
             "{id}: the host wants the device back (an unbind or a VF removal): {what}unplugging it"
         ));
         if let Some(i) = self.pair_index(id) {
-            (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
+            self.pairs[i].host_vf_gone = None;
         }
         match self.remove(id, Cause::Host) {
             Ok(r) => self.notices.info(format_args!("{id}: unplugged and closed for the host ({})", removal_text(&r))),
@@ -395,27 +395,27 @@ impl Passthrough {
                 continue;
             }
             let present = self.leases().vfs.iter().find(|l| l.id() == vf).is_some_and(|l| l.vf_present());
-            let pair = &mut self.pairs[i];
+            let gone = &mut self.pairs[i].host_vf_gone;
             if !present {
-                if !pair.host_vf_gone {
-                    self.notices.info(format_args!("{vf}: gone from {pf}; plugged back by itself when {pf} has it again"));
+                if gone.is_none() {
+                    self.notices
+                        .info(format_args!("{vf}: gone from {pf}; plugged back by itself when {pf} has it again"));
                 }
-                (pair.host_vf_gone, pair.host_vf_back) = (true, 0);
+                *gone = Some(0);
                 continue;
             }
-            if !pair.host_vf_gone {
-                continue;
-            }
-            pair.host_vf_back = pair.host_vf_back.saturating_add(1);
-            if pair.host_vf_back < 2 || !self.pf_has_link(&pf) {
+            let Some(back) = gone.as_mut() else { continue };
+            *back = back.saturating_add(1);
+            if *back < 2 || !self.pf_has_link(&pf) {
                 continue;
             }
             self.notices.info(format_args!("{vf}: {pf} has the VF again: taking it and plugging it back"));
             let back = self.retake(i).and_then(|()| self.plug_pair(i));
             if let Err(e) = back {
                 // Not again by itself until the VF goes and comes back once more.
-                (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
-                self.notices.warn(format_args!("{vf}: cannot plug it back: {e}; `tandem ctl device-add {vf}` tries again"));
+                self.pairs[i].host_vf_gone = None;
+                self.notices
+                    .warn(format_args!("{vf}: cannot plug it back: {e}; `tandem ctl device-add {vf}` tries again"));
             }
         }
     }
@@ -426,7 +426,7 @@ impl Passthrough {
         let retaken = self.leases().vfs.iter_mut().find(|l| l.id() == id).map(|l| l.retake());
         match retaken {
             Some(Ok(())) => {
-                (self.pairs[i].host_vf_gone, self.pairs[i].host_vf_back) = (false, 0);
+                self.pairs[i].host_vf_gone = None;
                 Ok(())
             }
             Some(Err(e)) => Err(PlugError::Failed(format!("{id}: taking the VF from the host again: {e}"))),

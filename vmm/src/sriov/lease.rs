@@ -53,7 +53,12 @@ struct Ctx<'a> {
     dev: String,
 }
 
-impl Ctx<'_> {
+impl<'a> Ctx<'a> {
+    /// For VF `spec.index` of `spec.pf`, named as `describe` names its journal.
+    fn vf(host: &'a Host, spec: &VfSpec) -> Self {
+        Ctx { host, dev: format!("{} (VF {} of {})", spec.id, spec.index, spec.pf) }
+    }
+
     fn sysfs(&self) -> impl Fn(SysfsError) -> SriovError + '_ {
         |source| SriovError::Sysfs { dev: self.dev.clone(), source }
     }
@@ -377,7 +382,7 @@ impl VfLease {
     }
 
     fn take(spec: &VfSpec, host: &Host, want: u32) -> Result<Self, SriovError> {
-        let ctx = Ctx { host, dev: format!("{} (VF {} of {})", spec.id, spec.index, spec.pf) };
+        let ctx = Ctx::vf(host, spec);
         let _lock = RuntimeLock::take(&host.runtime_dir)?;
         let pf_bdf = host.sysfs.netdev_bdf(&spec.pf).map_err(ctx.sysfs())?;
         let pf_ifindex = host.sysfs.ifindex(&spec.pf).map_err(ctx.sysfs())?;
@@ -421,7 +426,7 @@ impl VfLease {
             *self = Self::take(&spec, &host, spec.index.saturating_add(1))?;
             return Ok(());
         }
-        let ctx = Ctx { host: &host, dev: format!("{} (VF {} of {})", spec.id, spec.index, spec.pf) };
+        let ctx = Ctx::vf(&host, &spec);
         let _lock = RuntimeLock::take(&host.runtime_dir)?;
         let Some(mut journal) = self.0.lease.journal.take() else {
             return Err(SriovError::NoVfSettings { dev: self.0.id.clone() });
